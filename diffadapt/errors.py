@@ -1,0 +1,49 @@
+"""Errors raised by diffadapt.
+
+Every error names the file, key or module it is about, so a user can act on it without a debugger.
+A load that raises leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+
+class DiffAdaptError(Exception):
+    """Base class of every error diffadapt raises on purpose."""
+
+
+class SourceError(DiffAdaptError, FileNotFoundError):
+    """The adapter source cannot be found or opened (missing path, unknown hub id, offline)."""
+
+
+class FormatError(DiffAdaptError, ValueError):
+    """The file or its metadata/config is malformed, truncated, empty, or of an unknown layout."""
+
+
+class PickleRefusedError(FormatError):
+    """A pickle-based checkpoint was given without ``allow_pickle=True``."""
+
+
+class KeyMappingError(DiffAdaptError, KeyError):
+    """Adapter keys name modules that the model does not have."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeError(DiffAdaptError, ValueError):
+    """Adapter tensors do not fit the module they target."""
+
+
+class NonFiniteError(DiffAdaptError, ValueError):
+    """Adapter tensors contain NaN or Inf."""
+
+
+class UnsupportedError(DiffAdaptError, NotImplementedError):
+    """A valid request that this backend or method cannot honour exactly (e.g. inject-mode LyCORIS OFT)."""
+
+
+class AdapterNotFoundError(DiffAdaptError, KeyError):
+    """No adapter of that name is loaded."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

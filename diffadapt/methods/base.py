@@ -1,0 +1,144 @@
+"""What every adapter method provides, and helpers they share.
+
+A method is one small module in this package holding
+  * a typed ``Params`` dataclass (the tensors of one adapted module),
+  * its math as pure functions on tensors (tested against the reference implementations),
+  * a :class:`MethodDef` registered in ``methods/__init__.py``.
+
+Backends never look inside a method: they call ``params.check(shape)``, ``params.delta(shape)``
+(additive methods), ``params.lowrank()`` (fast path for stacking) and ``params.apply(W, weight)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..errors import FormatError, ShapeError, UnsupportedError
+
+
+@dataclass(frozen=True)
+class ParseContext:
+    """What a method's parser may know besides the tensors."""
+
+    where: str  # "<file>: <module key>" for error messages
+    fmt: str  # kohya | lycoris | peft | diffusers
+    config: dict[str, Any] | None = None  # PEFT config, rank/alpha patterns already resolved for the module
+
+
+@dataclass
+class Params(abc.ABC):
+    """Base of the typed per-module tensors. Subclasses are dataclasses whose tensor fields are the weights."""
+
+    additive: ClassVar[bool] = True  # False: the method transforms W (OFT, DoRA) and cannot be summed
+
+    # -- introspection -------------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.tensors().values())
+
+    @property
+    def rank(self) -> int | None:
+        return None
+
+    @property
+    def alpha(self) -> float | None:
+        return None
+
+    @property
+    def is_additive(self) -> bool:
+        return self.additive
+
+    def to(self, device=None, dtype=None) -> "Params":
+        """A copy with every tensor field moved (and floating tensors cast)."""
+
+        def move(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            return t.to(device=device, dtype=dtype if t.is_floating_point() and dtype is not None else t.dtype)
+
+        return dataclasses.replace(self, **{k: move(v) for k, v in self.tensors().items()})
+
+    # -- math ----------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def check(self, shape: torch.Size, *, where: str) -> None:
+        """Raise ShapeError if these tensors cannot adapt a weight of ``shape``."""
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        """ΔW with the given shape (float32 when the params are float32). Additive methods only."""
+        raise UnsupportedError(f"{type(self).__name__} transforms the weight; it has no additive delta")
+
+    def bias_delta(self) -> torch.Tensor | None:
+        """Δb for methods that also train the bias (full/diff ``diff_b``); None otherwise."""
+        return None
+
+    def lowrank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U, D) with ΔW.flatten(1) == U @ D, when the method is low-rank; lets backends stack adapters."""
+        return None
+
+    def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
+        """The adapted weight for strength ``weight``: identity at 0, exact at 1."""
+        return w + weight * self.delta(w.shape)
+
+
+@dataclass(frozen=True)
+class MethodDef:
+    """A registry entry: which key suffixes a method owns and how to parse them."""
+
+    name: str
+    suffixes: frozenset[str]  # every suffix the method may own (``alpha`` is shared)
+    markers: frozenset[str]  # suffixes whose presence identifies the method
+    parse: Callable[[dict[str, torch.Tensor], ParseContext], Params]
+    peft_type: str | None = None  # the peft tuner able to hold it exactly, if any
+
+
+# -- shared helpers ----------------------------------------------------------------------------------
+
+
+def scalar(t: torch.Tensor | float | None, *, where: str, name: str = "alpha") -> float | None:
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise FormatError(f"{where}: '{name}' should be a scalar, got shape {tuple(t.shape)}")
+        t = t.float().item()
+    value = float(t)
+    if not math.isfinite(value):
+        raise FormatError(f"{where}: '{name}' is not finite ({value})")
+    return value
+
+
+def require(tensors: dict[str, torch.Tensor], names: tuple[str, ...], *, where: str, method: str) -> None:
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise FormatError(f"{where}: {method} is missing {', '.join(repr(m) for m in missing)}")
+
+
+def reshape_to(delta: torch.Tensor, shape: torch.Size, *, where: str = "") -> torch.Tensor:
+    """Fit a delta to the weight's shape (Linear ↔ 1×1 conv, flattened kernels)."""
+    if tuple(delta.shape) == tuple(shape):
+        return delta
+    if delta.numel() != math.prod(shape) or delta.shape[0] != shape[0]:
+        raise ShapeError(f"{where}: adapter gives a delta of shape {tuple(delta.shape)}, module weight is {tuple(shape)}")
+    return delta.reshape(shape)
+
+
+def expect_fit(out_features: int, in_numel: int, shape: torch.Size, *, where: str, what: str) -> None:
+    """Check (out, in·k) of an adapter against a weight shape; the common shape test."""
+    w_out, w_in = shape[0], math.prod(shape[1:])
+    if (out_features, in_numel) != (w_out, w_in):
+        raise ShapeError(
+            f"{where}: {what} of shape (out={out_features}, in={in_numel}) does not fit the module weight "
+            f"{tuple(shape)} (out={w_out}, in={w_in})"
+        )

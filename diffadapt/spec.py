@@ -1,0 +1,108 @@
+"""The canonical, format-free description of an adapter.
+
+``io`` reads a source into a :class:`RawAdapter`; ``keys`` splits its keys into per-module groups;
+``methods`` turns each group into typed parameters. The result, :class:`AdapterSpec`, is what the
+backends apply and what ``inspect`` summarises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+@dataclass
+class RawAdapter:
+    """Tensors and side information exactly as read from a source."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    # PEFT adapter_config.json per component ("" = the file's single, unnamed component)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # key prefix a PEFT folder implies for its keys (e.g. "unet." for a DreamBooth sub-folder)
+    source: str = "<state dict>"
+    files: tuple[str, ...] = ()
+
+
+@dataclass
+class ModuleGroup:
+    """All tensors of one adapted module, keyed by their suffix (``lora_down.weight``, ``alpha``, ...)."""
+
+    component: str
+    module_key: str  # as written in the file, before resolution against a model
+    dotted: bool  # True when module_key uses '.' separators (PEFT/diffusers), False for kohya '_' names
+    fmt: str  # kohya | lycoris | peft | diffusers
+    tensors: dict[str, torch.Tensor]
+    keys: dict[str, str]  # suffix -> full original key, for error messages
+    config: dict[str, Any] | None = None  # PEFT config with rank/alpha patterns resolved for this module
+
+
+@dataclass
+class ModulePatch:
+    """One module's adapter: where it goes and its typed parameters."""
+
+    component: str
+    module_key: str
+    method: str
+    params: Any  # a methods.base.Params subclass
+    fmt: str
+    module: str | None = None  # resolved module path inside the component, once mapped to a model
+    original_key: str = ""
+
+
+@dataclass
+class AdapterSpec:
+    patches: list[ModulePatch]
+    fmt: str
+    source: str
+    metadata: dict[str, str] = field(default_factory=dict)
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class AdapterInfo:
+    """A summary of an adapter file, or of a loaded adapter (then with its current weight)."""
+
+    name: str | None
+    source: str
+    format: str
+    methods: dict[str, int]  # method -> number of modules
+    components: dict[str, int]  # component -> number of modules
+    modules: int
+    ranks: dict[int, int]  # rank -> number of modules
+    alphas: dict[float, int]
+    params: int
+    dtype: str
+    base_family: str  # sd1 | sdxl | dit | unknown
+    trigger_words: list[str] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    weight: Any = 1.0
+    mode: str | None = None
+    enabled: bool = True
+
+    def summary(self) -> str:
+        def fmt(d):
+            return ", ".join(f"{k}: {v}" for k, v in d.items()) or "-"
+
+        lines = [
+            f"source      {self.source}",
+            f"format      {self.format}",
+            f"base        {self.base_family}",
+            f"methods     {fmt(self.methods)}",
+            f"components  {fmt(self.components)}",
+            f"modules     {self.modules}",
+            f"ranks       {fmt(self.ranks)}",
+            f"alphas      {fmt(self.alphas)}",
+            f"parameters  {self.params:,}",
+            f"dtype       {self.dtype}",
+        ]
+        if self.trigger_words:
+            lines.append(f"triggers    {', '.join(self.trigger_words)}")
+        if self.name is not None:
+            lines.insert(0, f"name        {self.name}")
+            lines.append(f"weight      {self.weight}")
+        return "\n".join(lines)
