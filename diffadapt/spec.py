@@ -50,6 +50,7 @@ class ModulePatch:
     method: str
     params: Any  # a methods.base.Params subclass
     fmt: str
+    dotted: bool = True  # module_key uses '.' (PEFT/diffusers) rather than kohya '_'
     module: str | None = None  # resolved module path inside the component, once mapped to a model
     original_key: str = ""
 

@@ -1,0 +1,23 @@
+"""diffadapt: load, mix and hot-swap any diffusion adapter in diffusers pipelines."""
+
+from .api import adapters, inspect, load, unload
+from .errors import (
+    AdapterNotFoundError,
+    DiffAdaptError,
+    FormatError,
+    KeyMappingError,
+    NonFiniteError,
+    PickleRefusedError,
+    ShapeError,
+    SourceError,
+    UnsupportedError,
+)
+from .spec import AdapterInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load", "unload", "adapters", "inspect", "AdapterInfo",
+    "DiffAdaptError", "SourceError", "FormatError", "PickleRefusedError", "KeyMappingError", "ShapeError",
+    "NonFiniteError", "UnsupportedError", "AdapterNotFoundError",
+]

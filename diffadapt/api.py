@@ -1,0 +1,113 @@
+"""The public verbs. ``diffadapt/__init__.py`` re-exports them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import io
+from .backends import patch as patch_backend
+from .errors import AdapterNotFoundError, DiffAdaptError, UnsupportedError
+from .info import summarize
+from .keys import build_spec
+from .pipeline import Loaded, registry, resolve
+from .spec import AdapterInfo, AdapterSpec
+
+MODES = ("patch",)
+
+
+def read_spec(source: Any, *, allow_pickle: bool = False) -> AdapterSpec:
+    """Read and parse a source into the canonical spec (no model needed)."""
+    if isinstance(source, AdapterSpec):
+        return source
+    return build_spec(io.read(source, allow_pickle=allow_pickle))
+
+
+def inspect(source: Any, *, allow_pickle: bool = False) -> AdapterInfo:
+    """Summarise an adapter file, folder, hub id or state dict without loading it into a model."""
+    return summarize(read_spec(source, allow_pickle=allow_pickle))
+
+
+def _default_name(source: Any, taken: dict[str, Loaded]) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        base = p.stem if p.suffix else p.name
+        if base in ("adapter_model", "pytorch_lora_weights"):
+            base = p.parent.name or base
+    else:
+        base = "adapter"
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def load(
+    target: Any,
+    source: Any,
+    name: str | None = None,
+    *,
+    weight: float | dict[str, float] = 1.0,
+    mode: str = "patch",
+    allow_pickle: bool = False,
+    strict: bool = True,
+) -> AdapterInfo:
+    """Load an adapter into a pipeline or module; returns its summary. A failed load changes nothing."""
+    if mode not in MODES:
+        raise UnsupportedError(f"mode={mode!r}: choose one of {MODES}")
+    reg = registry(target)
+    with reg.lock:
+        if name is not None and name in reg.adapters:
+            raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
+        spec = read_spec(source, allow_pickle=allow_pickle)
+        targets = resolve(target, spec, strict=strict)
+        name = name or _default_name(source, reg.adapters)
+        info = summarize(spec, name=name)
+        loaded = Loaded(name=name, spec=spec, info=info, targets=targets, mode=mode, weight=weight)
+        _apply_patch(loaded)
+        reg.adapters[name] = loaded
+        info.weight, info.mode = weight, mode
+        return info
+
+
+def _apply_patch(loaded: Loaded) -> None:
+    done: list[torch.nn.Module] = []
+    try:
+        for t in loaded.targets:
+            w = t.module.weight
+            params = t.patch.params.to(device=w.device, dtype=torch.float32)
+            entry = patch_backend.Entry(name=loaded.name, params=params, strength=loaded.strength(t.component))
+            slot = patch_backend.add(t.module, entry)
+            done.append(t.module)
+            slot.write()
+    except BaseException:
+        for module in done:
+            patch_backend.remove(module, loaded.name)
+        raise
+
+
+def unload(target: Any, name: str | None = None) -> None:
+    """Remove one adapter (or all); base weights come back bit-exactly."""
+    reg = registry(target)
+    with reg.lock:
+        names = list(reg.adapters) if name is None else [name]
+        for n in names:
+            loaded = reg.adapters.get(n)
+            if loaded is None:
+                raise AdapterNotFoundError(f"no adapter named '{n}' is loaded (loaded: {sorted(reg.adapters)})")
+            for t in loaded.targets:
+                patch_backend.remove(t.module, n)
+            del reg.adapters[n]
+
+
+def adapters(target: Any) -> dict[str, AdapterInfo]:
+    """Loaded adapters by name, each with its current weight and mode."""
+    reg = registry(target)
+    out = {}
+    for n, loaded in reg.adapters.items():
+        loaded.info.weight, loaded.info.enabled, loaded.info.mode = loaded.weight, loaded.enabled, loaded.mode
+        out[n] = loaded.info
+    return out

@@ -1,0 +1,139 @@
+"""Patch backend: write W = W0 ⊕ Σ wᵢ·Δᵢ into the module's weight, keeping W0 for an exact restore.
+
+Order of composition on one module (documented in docs/design.md):
+  1. every additive adapter (LoRA, LoHa, LoKr, WaveFT, full) is summed onto W0 — low-rank ones in one
+     ``addmm`` over their concatenated factors;
+  2. transforms (OFT rotations, DoRA re-normalisation) then act on that sum, in load order.
+Math runs in float32 on the weight's device; the result is cast to the weight's dtype.
+
+The original tensor object is kept, not copied: the first patch swaps ``param.data`` to a new tensor
+and a restore swaps the original back, so unloading is bit-exact and costs no copy.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..methods.base import Params
+
+
+@dataclass
+class Entry:
+    """One adapter on one module, with its current effective strength."""
+
+    name: str
+    params: Params  # on the module's device, float32
+    strength: float = 1.0
+
+
+@dataclass
+class Slot:
+    """A patched module: its original tensors and the adapters stacked on it."""
+
+    module: nn.Module
+    original: torch.Tensor
+    original_bias: torch.Tensor | None
+    entries: list[Entry] = field(default_factory=list)
+
+    # -- composition ---------------------------------------------------------------------------------
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) for the current stack, in the original dtype; originals when nothing applies."""
+        live = [e for e in self.entries if e.strength != 0.0]
+        if not live:
+            return self.original, self.original_bias
+        w0, shape = self.original, self.original.shape
+        w = w0 if w0.dtype == torch.float32 else w0.float()
+        owned = w is not w0
+        factors = [(e, e.params.lowrank()) for e in live if e.params.is_additive]
+        lowrank = [(e, f) for e, f in factors if f is not None]
+        if lowrank:
+            u = torch.cat([f[0] * e.strength for e, f in lowrank], dim=1)
+            d = torch.cat([f[1] for _, f in lowrank], dim=0)
+            w = torch.addmm(w.reshape(shape[0], -1), u, d).reshape(shape)
+            owned = True
+        for e, f in factors:
+            if f is None:
+                delta = e.params.delta(shape)
+                w = w.add_(delta, alpha=e.strength) if owned else w.add(delta, alpha=e.strength)
+                owned = True
+        for e in live:
+            if not e.params.is_additive:
+                w = e.params.apply(w, e.strength)
+        bias = self.original_bias
+        bias_deltas = [(e, e.params.bias_delta()) for e in live]
+        if bias is not None and any(b is not None for _, b in bias_deltas):
+            b = bias.float()
+            for e, db in bias_deltas:
+                if db is not None:
+                    b = b + e.strength * db
+            bias = b.to(self.original_bias.dtype)
+        return w.to(w0.dtype), bias
+
+    def write(self, *, inplace: bool = False) -> None:
+        """Recompute and store. ``inplace`` keeps the current storage (what torch.compile sees)."""
+        weight, bias = self.compute()
+        _store(self.module.weight, weight, self.original, inplace=inplace)
+        if self.original_bias is not None:
+            _store(self.module.bias, bias, self.original_bias, inplace=inplace)
+
+    def restore(self) -> None:
+        self.module.weight.data = self.original
+        if self.original_bias is not None:
+            self.module.bias.data = self.original_bias
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same storage (``param.data`` makes a new alias object on every access)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+
+def _store(param: torch.Tensor, value: torch.Tensor, original: torch.Tensor, *, inplace: bool) -> None:
+    current = param.data
+    if inplace and not _same(current, original):
+        current.copy_(value)  # keep the patched buffer: compiled graphs keep pointing at it
+    elif not _same(current, value):
+        param.data = value
+
+
+# Slots live as long as their module; every registry that patches a module shares its slot.
+_SLOTS: "weakref.WeakKeyDictionary[nn.Module, Slot]" = weakref.WeakKeyDictionary()
+
+
+def slot_for(module: nn.Module) -> Slot:
+    slot = _SLOTS.get(module)
+    if slot is None:
+        bias = module.bias.data if isinstance(getattr(module, "bias", None), torch.Tensor) else None
+        slot = _SLOTS[module] = Slot(module=module, original=module.weight.data, original_bias=bias)
+    return slot
+
+
+def existing_slot(module: nn.Module) -> Slot | None:
+    return _SLOTS.get(module)
+
+
+def drop_slot(module: nn.Module) -> None:
+    slot = _SLOTS.pop(module, None)
+    if slot is not None:
+        slot.restore()
+
+
+def add(module: nn.Module, entry: Entry) -> Slot:
+    slot = slot_for(module)
+    slot.entries.append(entry)
+    return slot
+
+
+def remove(module: nn.Module, name: str) -> None:
+    """Take adapter ``name`` off the module; the originals come back bit-exactly when none is left."""
+    slot = _SLOTS.get(module)
+    if slot is None:
+        return
+    slot.entries = [e for e in slot.entries if e.name != name]
+    if slot.entries:
+        slot.write()
+    else:
+        drop_slot(module)

@@ -1,0 +1,194 @@
+"""Reading adapter sources: safetensors files, PEFT folders, diffusers files, hub ids, state dicts.
+
+Everything here is about bytes on disk; key names are interpreted in ``keys``. Pickle-based files
+(``.bin``, ``.pt``, ``.ckpt``, ``.pth``) are refused unless the caller opts in, and are then read with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import FormatError, PickleRefusedError, SourceError
+from .spec import RawAdapter
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+DIFFUSERS_WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+COMPONENT_DIRS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(/.+)?$")
+
+Source = "str | os.PathLike | Mapping[str, torch.Tensor]"
+
+
+def read(source: Any, *, allow_pickle: bool = False) -> RawAdapter:
+    """Read any supported source into tensors, metadata and PEFT configs."""
+    if isinstance(source, RawAdapter):
+        return source
+    if isinstance(source, Mapping):
+        tensors = dict(source)
+        bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise FormatError(f"<state dict>: values of {bad[:3]} are not tensors")
+        return RawAdapter(tensors=tensors)
+    if not isinstance(source, (str, os.PathLike)):
+        raise SourceError(f"cannot read an adapter from a {type(source).__name__}")
+    path = Path(source).expanduser()
+    if path.is_file():
+        return read_file(path, allow_pickle=allow_pickle)
+    if path.is_dir():
+        return read_dir(path, allow_pickle=allow_pickle)
+    if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
+        return read_dir_or_file(_from_hub(str(source), allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+    raise SourceError(f"{source}: no such file or directory")
+
+
+def read_dir_or_file(path: Path, *, allow_pickle: bool) -> RawAdapter:
+    return read_file(path, allow_pickle=allow_pickle) if path.is_file() else read_dir(path, allow_pickle=allow_pickle)
+
+
+# -- files -------------------------------------------------------------------------------------------
+
+
+def read_file(path: Path, *, allow_pickle: bool = False) -> RawAdapter:
+    size = path.stat().st_size
+    if size == 0:
+        raise FormatError(f"{path}: the file is empty")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        tensors = _read_pickle(path, allow_pickle=allow_pickle)
+        return RawAdapter(tensors=tensors, source=str(path), files=(str(path),))
+    tensors, metadata = read_safetensors(path)
+    return RawAdapter(tensors=tensors, metadata=metadata, source=str(path), files=(str(path),))
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        hint = " (truncated or not a safetensors file?)"
+        raise FormatError(f"{path}: cannot read safetensors: {e}{hint}") from e
+    if not tensors:
+        raise FormatError(f"{path}: the file holds no tensors")
+    return tensors, metadata
+
+
+def _read_pickle(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    if not allow_pickle:
+        raise PickleRefusedError(
+            f"{path}: pickle files can run code when loaded; pass allow_pickle=True if you trust it "
+            "(it is then read with torch.load(weights_only=True)), or convert it to .safetensors"
+        )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad pickles
+        raise FormatError(f"{path}: cannot read the checkpoint: {e}") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise FormatError(f"{path}: expected a non-empty dict of tensors, got {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise FormatError(f"{path}: entries {bad[:3]} are not tensors")
+    return obj
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: malformed JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+# -- folders -----------------------------------------------------------------------------------------
+
+
+def read_dir(path: Path, *, allow_pickle: bool = False) -> RawAdapter:
+    """PEFT folder, PEFT DreamBooth layout (component sub-folders), or a folder with one weights file."""
+    if (path / PEFT_CONFIG).is_file():
+        return _read_peft_dir(path, component="", allow_pickle=allow_pickle)
+    subs = [c for c in COMPONENT_DIRS if (path / c / PEFT_CONFIG).is_file()]
+    if subs:
+        parts = [_read_peft_dir(path / c, component=c, allow_pickle=allow_pickle) for c in subs]
+        raw = RawAdapter(tensors={}, source=str(path))
+        for part in parts:
+            raw.tensors.update(part.tensors)
+            raw.configs.update(part.configs)
+            raw.metadata.update(part.metadata)
+            raw.files += part.files
+        return raw
+    for name in DIFFUSERS_WEIGHTS:
+        if (path / name).is_file():
+            return read_file(path / name, allow_pickle=allow_pickle)
+    files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+    if len(files) == 1:
+        return read_file(files[0], allow_pickle=allow_pickle)
+    if not files:
+        raise SourceError(f"{path}: no adapter found (no {PEFT_CONFIG}, no .safetensors file)")
+    raise SourceError(f"{path}: several .safetensors files ({', '.join(f.name for f in files)}); name one")
+
+
+def _read_peft_dir(path: Path, *, component: str, allow_pickle: bool) -> RawAdapter:
+    config = read_json(path / PEFT_CONFIG)
+    weights = next((path / n for n in PEFT_WEIGHTS if (path / n).is_file()), None)
+    if weights is None:
+        raise SourceError(f"{path}: {PEFT_CONFIG} found but no {PEFT_WEIGHTS[0]}")
+    raw = read_file(weights, allow_pickle=allow_pickle)
+    prefix = f"{component}." if component else ""
+    # keys are 'base_model.model.<module>.<suffix>'; keep them and mark the component by prefix
+    raw.tensors = {f"{prefix}{k}": v for k, v in raw.tensors.items()}
+    raw.configs = {component: config}
+    raw.source = str(path)
+    return raw
+
+
+# -- hub ---------------------------------------------------------------------------------------------
+
+
+def _from_hub(source: str, *, allow_pickle: bool) -> Path:
+    """Download (or find in the cache when offline) a hub repo or one file of it."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    parts = source.split("/")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    patterns = ["*.safetensors", "*.json"] + (["*.bin", "*.pt", "*.ckpt", "*.pth"] if allow_pickle else [])
+    try:
+        try:
+            if filename:
+                return Path(hf_hub_download(repo_id, filename))
+            return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except LocalEntryNotFoundError:
+            raise
+        except (OSError, ConnectionError) as e:  # no network: fall back to the local cache
+            if filename:
+                return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except (HFValidationError, LocalEntryNotFoundError) as e:
+        raise SourceError(f"{source}: not a local path, and not found on the hub or in its cache ({e})") from e
+    except Exception as e:  # RepositoryNotFoundError, EntryNotFoundError, HTTP errors
+        raise SourceError(f"{source}: cannot fetch from the hub: {type(e).__name__}: {e}") from e
+
+
+# -- writing -----------------------------------------------------------------------------------------
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write contiguous CPU tensors with string metadata (safetensors allows only str → str)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(clean, str(path), metadata={k: str(v) for k, v in metadata.items()})

@@ -1,0 +1,100 @@
+"""From raw keys to per-module groups and typed patches, and from module keys to model modules.
+
+A key is ``<prefix><module>.<suffix>``: the suffix names the tensor (``lora_down.weight``, ``alpha``…,
+as the method registry knows them), the prefix the component and naming style.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+import torch
+
+from ..errors import FormatError, NonFiniteError
+from ..methods import ALL_SUFFIXES, ParseContext, detect
+from ..spec import COMPONENTS, AdapterSpec, ModuleGroup, ModulePatch, RawAdapter
+from . import kohya, peft
+from .diffusers import rewrite_legacy
+from .index import ModuleIndex
+
+ANY = "*"  # a component not named by the file: whichever one the module resolves in
+
+__all__ = ["ANY", "ModuleIndex", "split", "build_spec"]
+
+
+def _suffix(key: str) -> str | None:
+    for s in ALL_SUFFIXES:
+        if key.endswith("." + s):
+            return s
+    return None
+
+
+def classify(module: str) -> tuple[str, str, bool, str]:
+    """(component, module key, dotted, fmt) for the module part of a key."""
+    if "." not in module:
+        hit = kohya.split_prefix(module)
+        if hit:
+            component, rest = hit
+            return component, rest, False, "lycoris" if component == ANY else "kohya"
+        return ANY, module, False, "kohya"
+    head, _, rest = module.partition(".")
+    component = ANY
+    if head in COMPONENTS:
+        component, module = head, rest
+    if module.startswith("base_model.model."):
+        return component, module[len("base_model.model."):], True, "peft"
+    return component, module, True, "diffusers"
+
+
+def split(raw: RawAdapter) -> list[ModuleGroup]:
+    """Group a file's tensors by module, each with its suffixes and (PEFT) resolved config."""
+    configs = peft.configs_from_metadata(raw.metadata, where=raw.source)
+    for comp, cfg in raw.configs.items():
+        configs[comp] = peft.check_config(cfg, where=f"{raw.source} ({comp or 'adapter'} config)")
+    groups: dict[tuple[str, str], ModuleGroup] = {}
+    for key, tensor in raw.tensors.items():
+        k = rewrite_legacy(key)
+        suffix = _suffix(k)
+        if suffix is None:
+            raise FormatError(f"{raw.source}: key '{key}' is not an adapter tensor diffadapt knows")
+        component, module_key, dotted, fmt = classify(k[: -len(suffix) - 1])
+        group = groups.get((component, module_key))
+        if group is None:
+            cfg = configs.get(component if component != ANY else "", configs.get(""))
+            if cfg is None and component == ANY and len(configs) == 1:
+                cfg = next(iter(configs.values()))
+            group = groups[(component, module_key)] = ModuleGroup(
+                component=component, module_key=module_key, dotted=dotted, fmt=fmt, tensors={}, keys={},
+                config=peft.resolve(cfg, module_key),
+            )
+        if suffix in group.tensors:
+            raise FormatError(f"{raw.source}: keys '{group.keys[suffix]}' and '{key}' name the same tensor")
+        group.tensors[suffix] = tensor
+        group.keys[suffix] = key
+    return list(groups.values())
+
+
+def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
+    """Parse every module group into typed params; validates everything that needs no model."""
+    if not raw.tensors:
+        raise FormatError(f"{raw.source}: no tensors")
+    patches = []
+    for g in split(raw):
+        first_key = next(iter(g.keys.values()))
+        where = f"{raw.source}: {first_key.rsplit('.', 2)[0] if g.dotted else first_key.split('.', 1)[0]}"
+        if check_finite:
+            for suffix, t in g.tensors.items():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteError(f"{raw.source}: tensor '{g.keys[suffix]}' has NaN or Inf values")
+        method = detect(set(g.tensors), where=where)
+        unknown = set(g.tensors) - method.suffixes
+        if unknown:
+            raise FormatError(f"{where}: keys {sorted(g.keys[s] for s in unknown)} do not belong to {method.name}")
+        params = method.parse(g.tensors, ParseContext(where=where, fmt=g.fmt, config=g.config))
+        patches.append(
+            ModulePatch(component=g.component, module_key=g.module_key, method=method.name, params=params,
+                        fmt=g.fmt, dotted=g.dotted, original_key=first_key)
+        )
+    fmts = Counter(p.fmt for p in patches)
+    fmt = fmts.most_common(1)[0][0]
+    configs = peft.configs_from_metadata(raw.metadata, where=raw.source) | dict(raw.configs)
+    return AdapterSpec(patches=patches, fmt=fmt, source=raw.source, metadata=raw.metadata, configs=configs)
