@@ -145,6 +145,15 @@ class Registry:
     adapters: dict[str, Loaded] = field(default_factory=dict)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
+    def __deepcopy__(self, memo):  # a copied model keeps its (patched) weights but starts a fresh registry
+        return Registry()
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
 
 _ATTR = "_diffadapt_registry"
 
