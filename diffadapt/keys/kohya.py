@@ -92,3 +92,46 @@ def ldm_to_diffusers(flat: str, *, layers_per_block: int) -> str | None:
             return _join(f"up_blocks_{block}_upsamplers_0", rest)
         return _join(f"up_blocks_{block}_attentions_{idx}", rest)
     return None
+
+
+_DIFFUSERS_BLOCK = re.compile(r"^(down|up)_blocks_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)(?:_(.*))?$")
+_MID = re.compile(r"^mid_block_(resnets|attentions)_(\d+)(?:_(.*))?$")
+
+
+def _resnet_inner_inverse(rest: str) -> str:
+    for old, new in _RESNET:
+        if rest == new or rest.startswith(new + "_"):
+            return old + rest[len(new):]
+    return rest
+
+
+def diffusers_to_ldm(flat: str, *, layers_per_block: int, up_has_attention) -> str | None:
+    """The inverse of :func:`ldm_to_diffusers` (for writing SDXL files as A1111/ComfyUI expect them).
+
+    ``up_has_attention(b)`` tells whether up block b has attentions (its upsampler is then index 2).
+    """
+    lpb = layers_per_block
+    for old, new in _TOP:
+        if flat == new or flat.startswith(new + "_"):
+            return old + flat[len(new):]
+    if m := _MID.match(flat):
+        kind, k, rest = m[1], int(m[2]), m[3]
+        j = 1 if kind == "attentions" else 2 * k
+        return _join(f"middle_block_{j}", rest if kind == "attentions" else _resnet_inner_inverse(rest or ""))
+    m = _DIFFUSERS_BLOCK.match(flat)
+    if not m:
+        return None
+    side, b, kind, k, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+    if side == "down":
+        if kind == "downsamplers":
+            return _join(f"input_blocks_{(b + 1) * (lpb + 1)}_0_op", None if rest == "conv" else rest)
+        i = 1 + b * (lpb + 1) + k
+        if kind == "resnets":
+            return _join(f"input_blocks_{i}_0", _resnet_inner_inverse(rest or ""))
+        return _join(f"input_blocks_{i}_1", rest)
+    if kind == "upsamplers":
+        return _join(f"output_blocks_{b * (lpb + 1) + lpb}_{2 if up_has_attention(b) else 1}", rest)
+    i = b * (lpb + 1) + k
+    if kind == "resnets":
+        return _join(f"output_blocks_{i}_0", _resnet_inner_inverse(rest or ""))
+    return _join(f"output_blocks_{i}_1", rest)

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from ..errors import FormatError
 from .base import MethodDef, ParseContext, Params
+from .full import METHOD as FULL
+from .loha import METHOD as LOHA
+from .lokr import METHOD as LOKR
 from .lora import METHOD as LORA
+from .oft import METHOD as OFT
+from .oft import PEFT_METHOD as PEFT_OFT
+from .waveft import METHOD as WAVEFT
 
-METHODS: list[MethodDef] = [LORA]
+METHODS: list[MethodDef] = [LORA, LOHA, LOKR, OFT, PEFT_OFT, WAVEFT, FULL]
 
 BY_NAME: dict[str, MethodDef] = {m.name: m for m in METHODS}
 ALL_SUFFIXES: tuple[str, ...] = tuple(sorted({s for m in METHODS for s in m.suffixes}, key=len, reverse=True))

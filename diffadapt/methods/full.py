@@ -1,0 +1,63 @@
+"""LyCORIS full / diff: the file stores ΔW itself (``diff``) and optionally Δb (``diff_b``).
+
+W' = W + w·diff and b' = b + w·diff_b, which is LyCORIS's own multiplier semantics for ``algo=full``.
+The delta is dense, so it has no low-rank form to stack.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import FormatError, ShapeError
+from .base import MethodDef, ParseContext, Params, expect_fit, require, reshape_to
+
+
+@dataclass
+class FullParams(Params):
+    diff: torch.Tensor  # ΔW, the module weight's shape (or a Linear ↔ 1×1 conv reshape of it)
+    diff_b: torch.Tensor | None = None  # Δb, (out,)
+
+    additive: ClassVar[bool] = True
+
+    def check(self, shape: torch.Size, *, where: str) -> None:
+        expect_fit(self.diff.shape[0], self.diff[0].numel(), shape, where=where, what="full diff")
+        if self.diff.dim() > 2 and len(shape) > 2 and tuple(self.diff.shape) != tuple(shape):
+            raise ShapeError(f"{where}: full diff is {tuple(self.diff.shape)}, the module weight is {tuple(shape)}")
+        if self.diff_b is not None and self.diff_b.numel() != shape[0]:
+            raise ShapeError(
+                f"{where}: 'diff_b' has {self.diff_b.numel()} values, the module weight {tuple(shape)} has "
+                f"{shape[0]} outputs"
+            )
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        return reshape_to(self.diff, shape)
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return None if self.diff_b is None else self.diff_b.reshape(-1)
+
+
+def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> FullParams:
+    """``diff`` [+ ``diff_b``] as LyCORIS ``FullModule.custom_state_dict`` writes them."""
+    require(t, ("diff",), where=ctx.where, method="full")
+    diff, diff_b = t["diff"], t.get("diff_b")
+    if diff.dim() < 2:
+        raise FormatError(f"{ctx.where}: 'diff' should be a weight (out, in[, *k]), got shape {tuple(diff.shape)}")
+    if diff_b is not None and diff_b.numel() != diff.shape[0]:
+        raise FormatError(
+            f"{ctx.where}: 'diff_b' has {diff_b.numel()} values, 'diff' {tuple(diff.shape)} has {diff.shape[0]} outputs"
+        )
+    if not math.prod(diff.shape):
+        raise FormatError(f"{ctx.where}: 'diff' is empty {tuple(diff.shape)}")
+    return FullParams(diff=diff, diff_b=diff_b)
+
+
+METHOD = MethodDef(
+    name="full",
+    suffixes=frozenset({"diff", "diff_b"}),
+    markers=frozenset({"diff"}),
+    parse=parse,
+)

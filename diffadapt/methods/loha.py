@@ -1,0 +1,207 @@
+"""LoHa: ΔW = s·(w1a@w1b) ⊙ (w2a@w2b), Tucker halves for conv kernels, optional DoRA (LyCORIS "DoHa").
+
+Formats: LyCORIS/kohya (``hada_*`` + ``alpha``, s = alpha/r with r = ``hada_w1_b.shape[0]``) and PEFT
+(same suffixes, s = alpha/r from the adapter config). LyCORIS' ``merge_to``/``get_diff_weight`` apply
+alpha/r twice; the math here follows its module forward, which applies it once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import FormatError, ShapeError
+from .base import MethodDef, ParseContext, Params, expect_fit, require, reshape_to, scalar
+from .lora import dora_apply
+
+
+# -- pure math ---------------------------------------------------------------------------------------
+
+
+def hada_delta(
+    w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """(out, in·k) = s·(w1a@w1b) ⊙ (w2a@w2b); conv kernels ride flattened in the b factors."""
+    return (w1a.flatten(1) @ w1b.flatten(1)) * (w2a.flatten(1) @ w2b.flatten(1)) * scale
+
+
+def tucker_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """(out, in, *k) from a Tucker core t (r, r', *k), wa (r, out), wb (r', in)."""
+    return torch.einsum("ij...,jr,ip->pr...", t, wb, wa)
+
+
+def hada_tucker_delta(
+    t1: torch.Tensor,
+    w1a: torch.Tensor,
+    w1b: torch.Tensor,
+    t2: torch.Tensor,
+    w2a: torch.Tensor,
+    w2b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """(out, in, *k) = s·rebuild(t1, w1a, w1b) ⊙ rebuild(t2, w2a, w2b)."""
+    return tucker_rebuild(t1, w1a, w1b) * tucker_rebuild(t2, w2a, w2b) * scale
+
+
+def kernel_of(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    """Kernel dims without trailing 1s: PEFT stores Conv1d Tucker cores as (r, r, k, 1)."""
+    k = list(shape)
+    while k and k[-1] == 1:
+        k.pop()
+    return tuple(k)
+
+
+def peft_tensors(t: dict[str, torch.Tensor], ctx: ParseContext) -> bool:
+    """PEFT and LyCORIS share suffixes; PEFT keeps alpha in its config, LyCORIS writes one per module."""
+    return ctx.fmt == "peft" or (ctx.config is not None and "alpha" not in t)
+
+
+def dora_on_out(magnitude: torch.Tensor, out_features: int) -> bool:
+    """LyCORIS >= 3 stores the DoRA magnitude as (out, 1, …); older files as (1, in, …)."""
+    m = magnitude
+    return not (m.dim() >= 2 and m.shape[0] == 1 and m.shape[1] != 1 and out_features != 1)
+
+
+# -- params ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoHaParams(Params):
+    w1_a: torch.Tensor  # (out, r) — (r, out) with Tucker
+    w1_b: torch.Tensor  # (r, in·k) — (r, in) with Tucker
+    w2_a: torch.Tensor
+    w2_b: torch.Tensor
+    t1: torch.Tensor | None = None  # (r, r, *k): Tucker conv
+    t2: torch.Tensor | None = None
+    alpha_value: float | None = None  # None ⇒ alpha = r (scale 1)
+    magnitude: torch.Tensor | None = None  # DoRA m (LyCORIS dora_scale)
+    dora_on_out: bool = True
+    dora_eps: float = 0.0
+
+    additive: ClassVar[bool] = True
+
+    @property
+    def rank(self) -> int:
+        return int(self.w1_b.shape[0])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.rank) if self.alpha_value is None else self.alpha_value
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def tucker(self) -> bool:
+        return self.t1 is not None
+
+    @property
+    def kernel_size(self) -> tuple[int, ...] | None:
+        """The Tucker cores' kernel; None when the kernel (if any) is flattened into the b factors."""
+        return kernel_of(self.t1.shape[2:]) if self.t1 is not None else None
+
+    @property
+    def out_features(self) -> int:
+        return int(self.w1_a.shape[1] if self.tucker else self.w1_a.shape[0])
+
+    @property
+    def is_additive(self) -> bool:
+        return self.magnitude is None
+
+    def _in_numel(self) -> int:
+        if self.t1 is None:
+            return self.w1_b[0].numel()
+        return self.w1_b.shape[1] * math.prod(self.t1.shape[2:])
+
+    def check(self, shape: torch.Size, *, where: str) -> None:
+        what = f"LoHa (rank {self.rank}, w1_a {tuple(self.w1_a.shape)}, w1_b {tuple(self.w1_b.shape)})"
+        expect_fit(self.out_features, self._in_numel(), shape, where=where, what=what)
+        if self.t1 is not None and (self.w1_b.shape[1] != shape[1] or self.kernel_size != kernel_of(shape[2:])):
+            raise ShapeError(
+                f"{where}: LoHa Tucker core {tuple(self.t1.shape)} with w1_b {tuple(self.w1_b.shape)} gives "
+                f"(in={self.w1_b.shape[1]}, kernel={self.kernel_size}); module weight is {tuple(shape)}"
+            )
+        if self.magnitude is not None:
+            n = shape[0] if self.dora_on_out else shape[1]
+            if self.magnitude.numel() != n:
+                axis = "out" if self.dora_on_out else "in"
+                raise ShapeError(
+                    f"{where}: DoRA magnitude has {self.magnitude.numel()} values, the module weight "
+                    f"{tuple(shape)} has {n} on its {axis} axis"
+                )
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        if self.t1 is None:
+            d = hada_delta(self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.scale)
+        else:
+            d = hada_tucker_delta(self.t1, self.w1_a, self.w1_b, self.t2, self.w2_a, self.w2_b, self.scale)
+        return reshape_to(d, shape)
+
+    def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
+        if self.magnitude is None:
+            return w + weight * self.delta(w.shape)
+        return dora_apply(w, self.delta(w.shape), self.magnitude, weight, on_out=self.dora_on_out, eps=self.dora_eps)
+
+
+def _validate(t: dict[str, torch.Tensor], where: str) -> None:
+    w1a, w1b, w2a, w2b = (t[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+    t1, t2 = t.get("hada_t1"), t.get("hada_t2")
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(t.items()) if k.startswith("hada_"))
+    if (t1 is None) != (t2 is None):
+        raise FormatError(f"{where}: LoHa Tucker needs both hada_t1 and hada_t2 ({shapes})")
+    if t1 is None:
+        a1, b1, a2, b2 = (x.flatten(1) if x.dim() >= 2 else x for x in (w1a, w1b, w2a, w2b))
+        ok = all(x.dim() == 2 for x in (a1, b1, a2, b2)) and a1.shape[1] == b1.shape[0] and a2.shape[1] == b2.shape[0]
+        ok = ok and (a1.shape[0], b1.shape[1]) == (a2.shape[0], b2.shape[1])
+    else:
+        ok = all(x.dim() == 2 for x in (w1a, w1b, w2a, w2b)) and t1.dim() >= 3 and t2.dim() == t1.dim()
+        ok = ok and t1.shape[:2] == (w1a.shape[0], w1b.shape[0]) and t2.shape[:2] == (w2a.shape[0], w2b.shape[0])
+        ok = ok and t1.shape[2:] == t2.shape[2:] and w1a.shape[1] == w2a.shape[1] and w1b.shape[1] == w2b.shape[1]
+    if not ok:
+        raise FormatError(f"{where}: LoHa factor shapes do not fit together: {shapes}")
+
+
+def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> LoHaParams:
+    """Build LoHa params from LyCORIS/kohya or PEFT tensors (same suffixes; told apart by ``peft_tensors``)."""
+    require(t, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"), where=ctx.where, method="LoHa")
+    _validate(t, ctx.where)
+    rank = int(t["hada_w1_b"].shape[0])
+    if peft_tensors(t, ctx):
+        cfg = ctx.config
+        if "dora_scale" in t:
+            raise FormatError(f"{ctx.where}: PEFT LoHa has no DoRA, yet the module has 'dora_scale'")
+        if cfg is None or "alpha" not in cfg:
+            raise FormatError(f"{ctx.where}: a PEFT LoHa needs its adapter config (alpha, r)")
+        r = int(cfg.get("r", rank))
+        if r != rank:
+            raise FormatError(f"{ctx.where}: PEFT config gives r={r} for this module but its tensors have rank {rank}")
+        # peft: scaling = alpha / r (LoHaLayer.update_layer), applied once in get_delta_weight
+        return LoHaParams(
+            w1_a=t["hada_w1_a"], w1_b=t["hada_w1_b"], w2_a=t["hada_w2_a"], w2_b=t["hada_w2_b"],
+            t1=t.get("hada_t1"), t2=t.get("hada_t2"), alpha_value=float(cfg["alpha"]),
+        )
+    alpha = scalar(t.get("alpha"), where=ctx.where)
+    mag = t.get("dora_scale")
+    w1a = t["hada_w1_a"]
+    out = w1a.shape[1] if "hada_t1" in t else w1a.shape[0]
+    return LoHaParams(
+        w1_a=w1a, w1_b=t["hada_w1_b"], w2_a=t["hada_w2_a"], w2_b=t["hada_w2_b"],
+        t1=t.get("hada_t1"), t2=t.get("hada_t2"),
+        alpha_value=None if not alpha else alpha,  # LyCORIS reads alpha 0 as "alpha = r"
+        magnitude=mag,
+        dora_on_out=True if mag is None else dora_on_out(mag, out),
+        dora_eps=torch.finfo(torch.float32).eps,
+    )
+
+
+METHOD = MethodDef(
+    name="loha",
+    suffixes=frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale"}),
+    markers=frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),
+    parse=parse,
+    peft_type="LOHA",
+)

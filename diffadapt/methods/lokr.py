@@ -1,0 +1,223 @@
+"""LoKr: ΔW = s·kron(w1, w2), each factor full or a low-rank pair, Tucker ``lokr_t2`` for conv, optional DoRA.
+
+Scale rules (the references disagree, each file follows its own trainer's forward):
+  * LyCORIS/kohya: s = alpha/r only when a factor is decomposed, r = its rank (w1's first; the trained
+    module's lora_dim); with two full factors s = 1 whatever alpha says (LyCORIS writes the dim there,
+    other trainers ~1e10). Such params have ``rank = alpha = None``; the written value stays in ``alpha_value``.
+  * PEFT: s = alpha/r with r and alpha from the (pattern-resolved) config, full factors included.
+Conv kernels live in w2 (full, flattened into ``lokr_w2_b``, or in the Tucker core); w1 is broadcast over them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import FormatError, ShapeError
+from .base import MethodDef, ParseContext, Params, expect_fit, scalar
+from .loha import dora_on_out, kernel_of, peft_tensors
+from .lora import dora_apply
+
+
+# -- pure math ---------------------------------------------------------------------------------------
+
+
+def lokr_factor(full: torch.Tensor | None, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """A Kronecker factor: stored whole, or as a @ b with any kernel dims of b kept."""
+    if full is not None:
+        return full
+    return (a @ b.flatten(1)).reshape(a.shape[0], *b.shape[1:])
+
+
+def lokr_tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """w2 (c, d, *k) from a Tucker core t (r, r', *k), wa (r, c), wb (r', d)."""
+    return torch.einsum("ij...,ip,jr->pr...", t, wa, wb)
+
+
+def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float, *, peft_kron: bool = False) -> torch.Tensor:
+    """s·kron(w1, w2) with w1 broadcast over w2's kernel dims.
+
+    peft's ``make_kron`` broadcasts only over a 4-D w2; a 3-D one (Conv1d, full w2) meets w1 through
+    torch.kron's leading-dim alignment instead, a different ΔW that peft's forward then reshapes and uses.
+    ``peft_kron`` reproduces that so PEFT files load as peft runs them.
+    """
+    if not peft_kron or w2.dim() == 4:
+        w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - w1.dim()))
+    return torch.kron(w1, w2.contiguous()) * scale
+
+
+# -- params ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoKrParams(Params):
+    w1: torch.Tensor | None = None  # (a, b) — or w1_a (a, r) @ w1_b (r, b)
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None  # (c, d[, *k]) — or w2_a (c, r) @ w2_b (r, d·k); Tucker: (r, c), (r, d)
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None  # (r, r, *k)
+    alpha_value: float | None = None  # as written / configured; None ⇒ alpha = r
+    rank_value: int | None = None  # the r that s divides by; None ⇒ s = 1 (LyCORIS, two full factors)
+    peft_kron: bool = False  # reproduce peft's make_kron layout (differs for Conv1d with a full w2)
+    magnitude: torch.Tensor | None = None  # DoRA m (LyCORIS dora_scale)
+    dora_on_out: bool = True
+    dora_eps: float = 0.0
+
+    additive: ClassVar[bool] = True
+
+    @property
+    def rank(self) -> int | None:
+        return self.rank_value
+
+    @property
+    def alpha(self) -> float | None:
+        if self.rank_value is None:
+            return None
+        return float(self.rank_value) if self.alpha_value is None else self.alpha_value
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.rank_value is None else self.alpha / self.rank_value
+
+    @property
+    def w1_decomposed(self) -> bool:
+        return self.w1 is None
+
+    @property
+    def w2_decomposed(self) -> bool:
+        return self.w2 is None
+
+    @property
+    def tucker(self) -> bool:
+        return self.t2 is not None
+
+    @property
+    def kron_shapes(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((a, b), (c, d)): w1 is a×b, w2 c×d; out = a·c. d counts kernel taps folded into ``lokr_w2_b``."""
+        a, b = self.w1.shape if self.w1 is not None else (self.w1_a.shape[0], self.w1_b.shape[1])
+        if self.w2 is not None:
+            c, d = self.w2.shape[:2]
+        elif self.t2 is not None:
+            c, d = self.w2_a.shape[1], self.w2_b.shape[1]
+        else:
+            c, d = self.w2_a.shape[0], self.w2_b.shape[1]
+        return (int(a), int(b)), (int(c), int(d))
+
+    @property
+    def kernel_size(self) -> tuple[int, ...] | None:
+        """w2's explicit kernel (full w2 or Tucker core); None when flat or flattened into ``w2_b``."""
+        k = self.t2.shape[2:] if self.t2 is not None else self.w2.shape[2:] if self.w2 is not None else ()
+        return kernel_of(k) or None
+
+    @property
+    def is_additive(self) -> bool:
+        return self.magnitude is None
+
+    def _in_numel(self) -> int:
+        (_, b), (_, d) = self.kron_shapes
+        if self.t2 is not None:
+            return b * d * math.prod(self.t2.shape[2:])
+        w2_in = self.w2[0] if self.w2 is not None else self.w2_b[0]
+        return b * w2_in.numel()
+
+    def check(self, shape: torch.Size, *, where: str) -> None:
+        (a, b), (c, d) = self.kron_shapes
+        what = f"LoKr (w1 {a}×{b} ⊗ w2 {c}×{d}" + (f", kernel {self.kernel_size})" if self.kernel_size else ")")
+        expect_fit(a * c, self._in_numel(), shape, where=where, what=what)
+        if self.kernel_size is not None and (b * d != shape[1] or self.kernel_size != kernel_of(shape[2:])):
+            raise ShapeError(f"{where}: {what} gives in={b * d}, kernel {self.kernel_size}; module weight is {tuple(shape)}")
+        if self.magnitude is not None:
+            n = shape[0] if self.dora_on_out else shape[1]
+            if self.magnitude.numel() != n:
+                raise ShapeError(
+                    f"{where}: DoRA magnitude has {self.magnitude.numel()} values, the module weight "
+                    f"{tuple(shape)} has {n} on its {'out' if self.dora_on_out else 'in'} axis"
+                )
+
+    def delta(self, shape: torch.Size) -> torch.Tensor:
+        w1 = lokr_factor(self.w1, self.w1_a, self.w1_b)
+        w2 = lokr_tucker(self.t2, self.w2_a, self.w2_b) if self.t2 is not None else lokr_factor(self.w2, self.w2_a, self.w2_b)
+        d = lokr_delta(w1, w2, self.scale, peft_kron=self.peft_kron)
+        if d.numel() != math.prod(shape):
+            raise ShapeError(f"LoKr gives a delta of {d.numel()} values, module weight is {tuple(shape)}")
+        return d.reshape(shape)  # the flat row-major layout is what both references reshape from
+
+    def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
+        if self.magnitude is None:
+            return w + weight * self.delta(w.shape)
+        return dora_apply(w, self.delta(w.shape), self.magnitude, weight, on_out=self.dora_on_out, eps=self.dora_eps)
+
+
+def _pair(t: dict[str, torch.Tensor], n: str, where: str, shapes: str) -> tuple:
+    full, a, b = t.get(f"lokr_w{n}"), t.get(f"lokr_w{n}_a"), t.get(f"lokr_w{n}_b")
+    if full is not None and (a is not None or b is not None):
+        raise FormatError(f"{where}: LoKr has both lokr_w{n} and lokr_w{n}_a/_b ({shapes})")
+    if full is None and (a is None or b is None):
+        raise FormatError(f"{where}: LoKr needs lokr_w{n} or both lokr_w{n}_a and lokr_w{n}_b ({shapes})")
+    return full, a, b
+
+
+def _validate(t: dict[str, torch.Tensor], where: str) -> tuple:
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(t.items()) if k.startswith("lokr_")) or "no lokr_ keys"
+    w1, w1a, w1b = _pair(t, "1", where, shapes)
+    w2, w2a, w2b = _pair(t, "2", where, shapes)
+    t2 = t.get("lokr_t2")
+    ok = w1.dim() == 2 if w1 is not None else (w1a.dim() == 2 and w1b.dim() == 2 and w1a.shape[1] == w1b.shape[0])
+    if t2 is not None:
+        ok = ok and w2 is None and w2a.dim() == 2 and w2b.dim() == 2 and t2.dim() >= 3
+        ok = ok and t2.shape[:2] == (w2a.shape[0], w2b.shape[0])
+    elif w2 is not None:
+        ok = ok and w2.dim() >= 2
+    else:
+        ok = ok and w2a.dim() == 2 and w2b.dim() >= 2 and w2a.shape[1] == w2b.shape[0]
+    if not ok:
+        raise FormatError(f"{where}: LoKr factor shapes do not fit together: {shapes}")
+    return w1, w1a, w1b, w2, w2a, w2b, t2
+
+
+def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> LoKrParams:
+    """Build LoKr params from LyCORIS/kohya or PEFT tensors (same suffixes; told apart by ``peft_tensors``)."""
+    w1, w1a, w1b, w2, w2a, w2b, t2 = _validate(t, ctx.where)
+    factors = dict(w1=w1, w1_a=w1a, w1_b=w1b, w2=w2, w2_a=w2a, w2_b=w2b, t2=t2)
+    # the rank of the decomposed side, w1's first (LyCORIS: alpha/lora_dim, one dim for both sides);
+    # read off the b factor, which is (r, …) in every layout, Tucker included
+    tensor_rank = int(w1b.shape[0]) if w1b is not None else int(w2b.shape[0]) if w2b is not None else None
+    if peft_tensors(t, ctx):
+        cfg = ctx.config
+        if "dora_scale" in t:
+            raise FormatError(f"{ctx.where}: PEFT LoKr has no DoRA, yet the module has 'dora_scale'")
+        if cfg is None or "alpha" not in cfg or "r" not in cfg:
+            raise FormatError(f"{ctx.where}: a PEFT LoKr needs its adapter config (alpha, r)")
+        r = int(cfg["r"])
+        ranks = sorted({int(b.shape[0]) for b in (w1b, w2b) if b is not None})
+        if ranks and ranks != [r]:
+            raise FormatError(f"{ctx.where}: PEFT config gives r={r} for this module but its tensors have rank {ranks}")
+        # peft: scaling = alpha / r (LoKrLayer.update_layer), applied by make_kron even to two full factors
+        return LoKrParams(**factors, alpha_value=float(cfg["alpha"]), rank_value=r, peft_kron=True)
+    alpha = scalar(t.get("alpha"), where=ctx.where)
+    mag = t.get("dora_scale")
+    (a, _), (c, _) = LoKrParams(**factors).kron_shapes
+    return LoKrParams(
+        **factors,
+        alpha_value=None if not alpha else alpha,  # LyCORIS reads alpha 0 as "alpha = r"
+        rank_value=tensor_rank,
+        magnitude=mag,
+        dora_on_out=True if mag is None else dora_on_out(mag, a * c),
+        dora_eps=torch.finfo(torch.float32).eps,
+    )
+
+
+METHOD = MethodDef(
+    name="lokr",
+    suffixes=frozenset(
+        {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2", "alpha", "dora_scale"}
+    ),
+    markers=frozenset({"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}),
+    parse=parse,
+    peft_type="LOKR",
+)
