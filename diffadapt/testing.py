@@ -1,0 +1,349 @@
+"""Deterministic random-weight diffusers pipelines, built entirely in code.
+
+The test-suite, demos and benchmarks need real diffusers objects (so adapter
+key names, module types and forward passes are exactly those of production
+models) but cannot download anything from the Hub.  Everything here is built
+from configs written below and filled from a seeded ``torch.Generator``:
+
+* the same seed gives bit-identical weights, on any machine and independent of
+  library weight-init code or the global RNG (which is left untouched);
+* models are constructed with parameters on the meta device and materialised
+  one tensor at a time, so even the real-size UNets build in seconds and never
+  hold two copies of their weights.
+
+Tiny pipelines (SD1, SDXL, SD3-style DiT) build in a fraction of a second and
+run a 2-step generation in well under a second on CPU.  Real-size builders
+(:func:`sd15_unet`, :func:`sd15_text_encoder`, :func:`sdxl_unet`) use the exact
+published configs; pass ``device="meta"`` to get the architecture without
+allocating any weights (e.g. to count parameters).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import init_empty_weights
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+__all__ = [
+    "tiny_sd1_pipeline",
+    "tiny_sdxl_pipeline",
+    "tiny_dit_pipeline",
+    "sd15_unet",
+    "sd15_text_encoder",
+    "sdxl_unet",
+    "generate",
+    "param_hashes",
+]
+
+# --------------------------------------------------------------------------- weights
+
+
+def _component_seed(seed: int, name: str) -> int:
+    """Independent stream per component, so resizing one leaves the others' weights unchanged."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _build(name: str, factory, *, seed: int, dtype: torch.dtype, device) -> torch.nn.Module:
+    """Construct ``factory()`` (the component called ``name``) with meta parameters, then fill them deterministically.
+
+    Weights (ndim >= 2) get a uniform fill with variance ``1 / fan_in`` so
+    activations stay O(1) through deep stacks; norm scales are ~1 and other
+    1-D tensors (biases) small but non-zero, so adapters that touch biases or
+    norms are observable.  Buffers (position ids, sin-cos tables) are computed
+    normally by the constructor.  ``device="meta"`` skips materialisation.
+    """
+    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
+        model = factory()
+    model.eval()
+    if torch.device(device).type == "meta":
+        return torch.nn.Module.to(model, dtype)  # ModelMixin.to warns about fp32 modules on any dtype cast
+    gen = torch.Generator().manual_seed(_component_seed(seed, name))
+    for full_name, param in list(model.named_parameters()):
+        value = torch.empty(param.shape, dtype=torch.float32)
+        if param.ndim >= 2:
+            bound = math.sqrt(3.0 / (param.numel() // param.shape[0]))
+            value.uniform_(-bound, bound, generator=gen)
+        elif full_name.endswith("weight"):
+            value.uniform_(0.9, 1.1, generator=gen)
+        else:
+            value.uniform_(-0.02, 0.02, generator=gen)
+        owner_name, _, attr = full_name.rpartition(".")
+        value = value.to(device=device, dtype=dtype)
+        model.get_submodule(owner_name)._parameters[attr] = torch.nn.Parameter(value, param.requires_grad)
+    return model.to(device)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+_BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
+_WORDS = """
+a an the of in on at with and by for from to is this that photo photograph picture image
+painting drawing sketch illustration portrait landscape render style art artwork cat dog
+bird horse fox man woman girl boy person face eyes hair red green blue black white gold
+dark bright light colorful detailed high quality best masterpiece realistic anime cartoon
+ink watercolor oil pencil digital cinematic lighting sunset night forest city street mountain
+sea sky beach house castle flower tree garden snow rain lora lycoris trigger token sks
+""".split()
+
+
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP-style BPE of one word: repeatedly merge the lowest-ranked adjacent pair."""
+    parts = [*word[:-1], word[-1] + "</w>"]
+    while len(parts) > 1:
+        rank, i = min((ranks.get(pair, math.inf), i) for i, pair in enumerate(zip(parts, parts[1:])))
+        if rank == math.inf:
+            break
+        parts[i : i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+@functools.cache
+def _tokenizer_dir() -> str:
+    """Write a tiny byte-level BPE vocabulary once per process.
+
+    All 256 byte symbols (bare and with the ``</w>`` word-end mark) are present,
+    so any text tokenizes without unknown tokens.  Merges are appended until
+    every word in ``_WORDS`` is a single token; a merge appended later can
+    never split a word that already resolves, so the loop is order-safe.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab: dict[str, int] = {}
+    for symbol in [*alphabet, *(c + "</w>" for c in alphabet)]:
+        vocab.setdefault(symbol, len(vocab))
+    ranks: dict[tuple[str, str], int] = {}
+    for word in _WORDS:
+        while len(parts := _bpe(word, ranks)) > 1:
+            ranks[parts[0], parts[1]] = len(ranks)
+            vocab.setdefault(parts[0] + parts[1], len(vocab))
+    vocab.setdefault(_BOS, len(vocab))
+    vocab.setdefault(_EOS, len(vocab))
+    path = tempfile.mkdtemp(prefix="diffadapt-clip-vocab-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    with open(f"{path}/vocab.json", "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(f"{path}/merges.txt", "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in ranks))
+    return path
+
+
+@functools.cache
+def _vocab() -> dict[str, int]:
+    with open(f"{_tokenizer_dir()}/vocab.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _tokenizer(*, pad_token: str = _EOS) -> CLIPTokenizer:
+    """A fresh tokenizer per pipeline: textual-inversion loading mutates it."""
+    return CLIPTokenizer.from_pretrained(_tokenizer_dir(), pad_token=pad_token, model_max_length=77)
+
+
+def _clip_config(*, hidden: int, projection: int, pad_token: str = _EOS) -> CLIPTextConfig:
+    vocab = _vocab()
+    return CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection, hidden_act="quick_gelu",
+        bos_token_id=vocab[_BOS], eos_token_id=vocab[_EOS], pad_token_id=vocab[pad_token],
+    )
+
+
+# --------------------------------------------------------------------------- tiny pipelines
+
+_SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                 steps_offset=1, timestep_spacing="leading")
+
+
+def _tiny_vae(*, latent_channels: int = 4, **extra) -> dict[str, Any]:
+    """Two-level VAE (scale factor 2): the smallest that still has up/down samplers."""
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=4, sample_size=16, **extra,
+    )
+
+
+def _finish(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd1_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> StableDiffusionPipeline:
+    """SD1-shaped pipeline: attention in the outer level, plain resnets in the inner one.
+
+    ``layers_per_block=2`` like SD1 so ``down_blocks.N.{resnets,attentions}.1`` exist
+    and kohya/diffusers key mapping is exercised on realistic names.  Default image 16x16.
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+
+    unet = build("unet", lambda: UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    ))
+    text_encoder = build("text_encoder", lambda: CLIPTextModel(_clip_config(hidden=32, projection=32)))
+    vae = build("vae", lambda: AutoencoderKL(**_tiny_vae()))
+    return _finish(StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=_tokenizer(), unet=unet,
+        scheduler=EulerDiscreteScheduler(**_SD_BETAS), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ))
+
+
+def tiny_sdxl_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> StableDiffusionXLPipeline:
+    """SDXL-shaped pipeline: two text encoders of *different* widths (32 and 64).
+
+    Distinct widths make a te1/te2 key mix-up fail loudly on shape.  The UNet
+    mirrors SDXL's (1, 2, 10) layout as (1, 1, 2): no attention at the first
+    level, then one and two transformer layers.  Default image 16x16.
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+
+    time_dim, te2_proj = 8, 64
+    unet = build("unet", lambda: UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+        cross_attention_dim=32 + 64, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=time_dim * 6 + te2_proj, norm_num_groups=8,
+    ))
+    text_encoder = build("text_encoder", lambda: CLIPTextModel(_clip_config(hidden=32, projection=32)))
+    text_encoder_2 = build("text_encoder_2", lambda: CLIPTextModelWithProjection(
+        _clip_config(hidden=64, projection=te2_proj, pad_token="!")))
+    vae = build("vae", lambda: AutoencoderKL(**_tiny_vae()))
+    return _finish(StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_tokenizer(),
+        tokenizer_2=_tokenizer(pad_token="!"), unet=unet, scheduler=EulerDiscreteScheduler(**_SD_BETAS),
+        add_watermarker=False,
+    ))
+
+
+def tiny_dit_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> StableDiffusion3Pipeline:
+    """SD3-shaped (MMDiT) pipeline with two CLIP encoders and no T5.
+
+    ``StableDiffusion3Pipeline`` substitutes zeros for the T5 embeddings when
+    ``text_encoder_3`` is None, so joint attention still sees a text stream of
+    77 + 256 tokens.  16 latent channels and flow matching, as in SD3.  Default image 16x16.
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+
+    transformer = build("transformer", lambda: SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=128, pooled_projection_dim=32 + 64,
+        pos_embed_max_size=16,
+    ))
+    text_encoder = build("text_encoder", lambda: CLIPTextModelWithProjection(_clip_config(hidden=32, projection=32)))
+    text_encoder_2 = build("text_encoder_2", lambda: CLIPTextModelWithProjection(
+        _clip_config(hidden=64, projection=64)))
+    vae = build("vae", lambda: AutoencoderKL(**_tiny_vae(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+        scaling_factor=1.5035)))
+    return _finish(StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer(),
+        text_encoder_3=None, tokenizer_3=None,
+    ))
+
+
+# --------------------------------------------------------------------------- real-size models
+
+_SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False,
+)
+_SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+)
+_SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+
+
+def sd15_unet(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> UNet2DConditionModel:
+    """Stable Diffusion 1.5 UNet (859,520,964 parameters) with random weights, for benchmarks."""
+    return _build("unet", lambda: UNet2DConditionModel(**_SD15_UNET), seed=seed, dtype=dtype, device=device)
+
+
+def sd15_text_encoder(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> CLIPTextModel:
+    """SD1.5 text encoder (CLIP ViT-L/14 text tower, 123,060,480 parameters) with random weights."""
+    return _build("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**_SD15_TEXT)), seed=seed, dtype=dtype,
+                  device=device)
+
+
+def sdxl_unet(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> UNet2DConditionModel:
+    """SDXL base UNet (2,567,463,684 parameters); use ``device="meta"`` to inspect it without ~10 GB of RAM."""
+    return _build("unet", lambda: UNet2DConditionModel(**_SDXL_UNET), seed=seed, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def generate(pipe, prompt: str = "a photo of a cat", *, steps: int = 2, seed: int = 0, size: int | None = None,
+             **kwargs) -> np.ndarray:
+    """Run ``pipe`` reproducibly and return images as a float array ``(batch, H, W, 3)`` in [0, 1].
+
+    A CPU generator is used whatever the pipeline device so results do not
+    depend on where it runs.  ``size`` defaults to the pipeline's native size.
+    """
+    if size is not None:
+        kwargs.setdefault("height", size)
+        kwargs.setdefault("width", size)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        out = pipe(prompt, num_inference_steps=steps, generator=generator, output_type="np", **kwargs)
+    return np.asarray(out.images)
+
+
+def param_hashes(obj) -> dict[str, str]:
+    """Map each parameter and buffer to a hash of its dtype, shape and raw bytes.
+
+    Comparing two snapshots proves that an operation (e.g. a failed load) left
+    a model bit-for-bit unchanged.  Pipelines are keyed ``"component.name"``;
+    a bare module is keyed by its own parameter names.
+    """
+    if isinstance(obj, torch.nn.Module):
+        modules = {"": obj}
+    else:
+        modules = {k: v for k, v in obj.components.items() if isinstance(v, torch.nn.Module)}
+    hashes = {}
+    for prefix, module in modules.items():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            t = tensor.detach()
+            digest = hashlib.sha1(f"{t.dtype}{tuple(t.shape)}".encode())
+            if t.device.type != "meta":
+                digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            hashes[f"{prefix}.{name}" if prefix else name] = digest.hexdigest()
+    return hashes
