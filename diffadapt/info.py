@@ -27,9 +27,9 @@ def guess_family(spec: AdapterSpec) -> str:
         int(p.params.down.shape[1]) for p in spec.patches
         if _CROSS_K.search(p.module_key) and isinstance(getattr(p.params, "down", None), torch.Tensor)
     )
-    if widths:
-        width = widths.most_common(1)[0][0]
-        return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(width, "unknown")
+    known = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+    if widths and widths.most_common(1)[0][0] in known:
+        return known[widths.most_common(1)[0][0]]
     if "unet" in comps or "text_encoder" in comps:
         return "sd1"
     return "unknown"
