@@ -30,7 +30,7 @@ def _preset(preset: dict[str, Any]) -> Iterator[None]:
     fields = ("ENABLE_CONV", "TARGET_REPLACE_MODULE", "TARGET_REPLACE_NAME", "LORA_PREFIX", "MODULE_ALGO_MAP",
               "NAME_ALGO_MAP", "USE_FNMATCH", "TARGET_EXCLUDE_NAME")
     saved = {f: getattr(LycorisNetwork, f) for f in fields}
-    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    logging.getLogger("LyCORIS").setLevel(logging.ERROR)
     try:
         LycorisNetwork.apply_preset(preset)
         yield
