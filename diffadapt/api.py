@@ -6,18 +6,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import io
-from .backends import patch as patch_backend
-from .errors import AdapterNotFoundError, DiffAdaptError, UnsupportedError
+from . import backends, io
+from .errors import AdapterNotFoundError, DiffAdaptError
 from .info import summarize
 from .keys import build_spec
 from .pipeline import Loaded, registry, resolve
 from .spec import AdapterInfo, AdapterSpec
-
-MODES = ("patch",)
-
 
 def read_spec(source: Any, *, allow_pickle: bool = False) -> AdapterSpec:
     """Read and parse a source into the canonical spec (no model needed)."""
@@ -56,8 +50,7 @@ def load(
     strict: bool = True,
 ) -> AdapterInfo:
     """Load an adapter into a pipeline or module; returns its summary. A failed load changes nothing."""
-    if mode not in MODES:
-        raise UnsupportedError(f"mode={mode!r}: choose one of {MODES}")
+    backend = backends.get(mode)
     reg = registry(target)
     with reg.lock:
         if name is not None and name in reg.adapters:
@@ -67,26 +60,10 @@ def load(
         name = name or _default_name(source, reg.adapters)
         info = summarize(spec, name=name)
         loaded = Loaded(name=name, spec=spec, info=info, targets=targets, mode=mode, weight=weight)
-        _apply_patch(loaded)
+        backend.apply(loaded)
         reg.adapters[name] = loaded
         info.weight, info.mode = weight, mode
         return info
-
-
-def _apply_patch(loaded: Loaded) -> None:
-    done: list[torch.nn.Module] = []
-    try:
-        for t in loaded.targets:
-            w = t.module.weight
-            params = t.patch.params.to(device=w.device, dtype=torch.float32)
-            entry = patch_backend.Entry(name=loaded.name, params=params, strength=loaded.strength(t.component))
-            slot = patch_backend.add(t.module, entry)
-            done.append(t.module)
-            slot.write()
-    except BaseException:
-        for module in done:
-            patch_backend.remove(module, loaded.name)
-        raise
 
 
 def unload(target: Any, name: str | None = None) -> None:
@@ -98,8 +75,7 @@ def unload(target: Any, name: str | None = None) -> None:
             loaded = reg.adapters.get(n)
             if loaded is None:
                 raise AdapterNotFoundError(f"no adapter named '{n}' is loaded (loaded: {sorted(reg.adapters)})")
-            for t in loaded.targets:
-                patch_backend.remove(t.module, n)
+            backends.get(loaded.mode).remove(loaded)
             del reg.adapters[n]
 
 

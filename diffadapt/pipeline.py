@@ -131,7 +131,8 @@ class Loaded:
     enabled: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def strength(self, component: str) -> float:
+    def strength(self, component: str, module: str = "") -> float:
+        """The effective strength of this adapter on one module of one component."""
         if not self.enabled:
             return 0.0
         w = self.weight

@@ -121,13 +121,7 @@ def drop_slot(module: nn.Module) -> None:
         slot.restore()
 
 
-def add(module: nn.Module, entry: Entry) -> Slot:
-    slot = slot_for(module)
-    slot.entries.append(entry)
-    return slot
-
-
-def remove(module: nn.Module, name: str) -> None:
+def _take_off(module: nn.Module, name: str) -> None:
     """Take adapter ``name`` off the module; the originals come back bit-exactly when none is left."""
     slot = _SLOTS.get(module)
     if slot is None:
@@ -137,3 +131,47 @@ def remove(module: nn.Module, name: str) -> None:
         slot.write()
     else:
         drop_slot(module)
+
+
+# -- the backend interface (see backends/__init__.py) --------------------------------------------------
+
+NAME = "patch"
+
+
+def apply(loaded) -> None:
+    """Patch every target of ``loaded``; on any failure the modules already patched are rolled back."""
+    done: list[nn.Module] = []
+    try:
+        for t in loaded.targets:
+            w = t.module.weight
+            params = t.patch.params.to(device=w.device, dtype=torch.float32)
+            slot = slot_for(t.module)
+            slot.entries.append(Entry(name=loaded.name, params=params, strength=loaded.strength(t.component, t.module_name)))
+            done.append(t.module)
+            slot.write()
+    except BaseException:
+        for module in done:
+            _take_off(module, loaded.name)
+        raise
+
+
+def remove(loaded) -> None:
+    for t in loaded.targets:
+        _take_off(t.module, loaded.name)
+
+
+def refresh(loaded_list, *, inplace: bool = True) -> None:
+    """Re-read the strengths of these adapters and rewrite each touched module once."""
+    slots: dict[int, Slot] = {}
+    for loaded in loaded_list:
+        for t in loaded.targets:
+            slot = _SLOTS.get(t.module)
+            if slot is None:
+                continue
+            s = loaded.strength(t.component, t.module_name)
+            for e in slot.entries:
+                if e.name == loaded.name:
+                    e.strength = s
+            slots[id(slot)] = slot
+    for slot in slots.values():
+        slot.write(inplace=inplace)
