@@ -10,7 +10,9 @@ from . import backends, io
 from .errors import AdapterNotFoundError, DiffAdaptError
 from .info import summarize
 from .keys import build_spec
+from .mixing import component_counts
 from .pipeline import Loaded, registry, resolve
+from .weights import validate as validate_weight
 from .spec import AdapterInfo, AdapterSpec
 
 def read_spec(source: Any, *, allow_pickle: bool = False) -> AdapterSpec:
@@ -55,6 +57,7 @@ def load(
     with reg.lock:
         if name is not None and name in reg.adapters:
             raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
+        weight = validate_weight(weight, where="weight", counts=component_counts(target))
         spec = read_spec(source, allow_pickle=allow_pickle)
         targets = resolve(target, spec, strict=strict)
         name = name or _default_name(source, reg.adapters)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import weights
 from .errors import KeyMappingError, ShapeError
 from .info import guess_family
 from .keys import ANY, ModuleIndex
@@ -127,7 +128,7 @@ class Loaded:
     info: AdapterInfo
     targets: list[Target]
     mode: str = "patch"
-    weight: Any = 1.0  # float, or {component: float}
+    weight: Any = 1.0  # validated by diffadapt.weights: a number, per component, or per block
     enabled: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -135,10 +136,7 @@ class Loaded:
         """The effective strength of this adapter on one module of one component."""
         if not self.enabled:
             return 0.0
-        w = self.weight
-        if isinstance(w, dict):
-            return float(w.get(component, w.get("default", 1.0)))
-        return float(w)
+        return weights.resolve(self.weight, component, module)
 
 
 @dataclass

@@ -40,8 +40,12 @@ class Slot:
     entries: list[Entry] = field(default_factory=list)
 
     # -- composition ---------------------------------------------------------------------------------
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(weight, bias) for the current stack, in the original dtype; originals when nothing applies."""
+    def compute(self, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) for the current stack, in the original dtype; originals when nothing applies.
+
+        ``out`` (a float32 buffer of the weight's shape, not the original) lets the common case — only
+        low-rank additive adapters — write its single ``addmm`` straight into the live weight.
+        """
         live = [e for e in self.entries if e.strength != 0.0]
         if not live:
             return self.original, self.original_bias
@@ -53,7 +57,9 @@ class Slot:
         if lowrank:
             u = torch.cat([f[0] * e.strength for e, f in lowrank], dim=1)
             d = torch.cat([f[1] for _, f in lowrank], dim=0)
-            w = torch.addmm(w.reshape(shape[0], -1), u, d).reshape(shape)
+            only = len(lowrank) == len(live) and w is w0 and out is not None and out.dtype == torch.float32
+            w = torch.addmm(w.reshape(shape[0], -1), u, d, out=out.view(shape[0], -1) if only else None)
+            w = w.view(shape)
             owned = True
         for e, f in factors:
             if f is None:
@@ -75,8 +81,11 @@ class Slot:
 
     def write(self, *, inplace: bool = False) -> None:
         """Recompute and store. ``inplace`` keeps the current storage (what torch.compile sees)."""
-        weight, bias = self.compute()
-        _store(self.module.weight, weight, self.original, inplace=inplace)
+        current = self.module.weight.data
+        buffer = current if inplace and not _same(current, self.original) else None
+        weight, bias = self.compute(out=buffer)
+        if buffer is None or not _same(weight, buffer):
+            _store(self.module.weight, weight, self.original, inplace=inplace)
         if self.original_bias is not None:
             _store(self.module.bias, bias, self.original_bias, inplace=inplace)
 

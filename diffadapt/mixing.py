@@ -1,0 +1,70 @@
+"""Re-weighting loaded adapters: ``set_weights``, ``enable``, ``disable``.
+
+Each verb validates the whole request first, then asks each backend to rewrite only the modules of the
+adapters that changed (patch mode: one vectorised recompute per touched module, in place).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from . import backends
+from .errors import AdapterNotFoundError
+from .pipeline import Loaded, components, registry
+from .weights import block_counts, validate
+
+
+def component_counts(target: Any) -> dict[str, dict[str, int]]:
+    return {name: block_counts(dict(m.named_modules())) for name, m in components(target).items()}
+
+
+def _lookup(target: Any, names: Iterable[str]) -> list[Loaded]:
+    reg = registry(target)
+    missing = [n for n in names if n not in reg.adapters]
+    if missing:
+        raise AdapterNotFoundError(f"no adapter named {missing} is loaded (loaded: {sorted(reg.adapters)})")
+    return [reg.adapters[n] for n in names]
+
+
+def _refresh(changed: list[Loaded]) -> None:
+    by_mode: dict[str, list[Loaded]] = {}
+    for loaded in changed:
+        by_mode.setdefault(loaded.mode, []).append(loaded)
+    for mode, group in by_mode.items():
+        backends.get(mode).refresh(group)
+
+
+def set_weights(target: Any, weights: dict[str, Any]) -> None:
+    """Set the weight of each named adapter (see ``diffadapt.weights`` for the accepted forms)."""
+    reg = registry(target)
+    with reg.lock:
+        loaded = _lookup(target, list(weights))
+        counts = component_counts(target)
+        checked = {n: validate(w, where=f"weight of '{n}'", counts=counts) for n, w in weights.items()}
+        for item in loaded:
+            item.weight = checked[item.name]
+        _refresh(loaded)
+
+
+def get_weights(target: Any) -> dict[str, Any]:
+    return {n: a.weight for n, a in registry(target).adapters.items()}
+
+
+def _set_enabled(target: Any, names: tuple[str, ...], value: bool) -> None:
+    reg = registry(target)
+    with reg.lock:
+        loaded = _lookup(target, names or list(reg.adapters))
+        changed = [a for a in loaded if a.enabled != value]
+        for a in changed:
+            a.enabled = value
+        _refresh(changed)
+
+
+def enable(target: Any, *names: str) -> None:
+    """Turn adapters (all when none named) back on at their weights."""
+    _set_enabled(target, names, True)
+
+
+def disable(target: Any, *names: str) -> None:
+    """Turn adapters (all when none named) off without unloading them; their weights are kept."""
+    _set_enabled(target, names, False)
