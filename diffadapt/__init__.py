@@ -1,6 +1,7 @@
 """diffadapt: load, mix and hot-swap any diffusion adapter in diffusers pipelines."""
 
 from .api import adapters, inspect, load, unload
+from .merge import merge
 from .mixing import disable, enable, get_weights, set_weights
 from .errors import (
     AdapterNotFoundError,
@@ -18,7 +19,7 @@ from .spec import AdapterInfo
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "get_weights", "enable", "disable",
+    "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "get_weights", "enable", "disable", "merge",
     "DiffAdaptError", "SourceError", "FormatError", "PickleRefusedError", "KeyMappingError", "ShapeError",
     "NonFiniteError", "UnsupportedError", "AdapterNotFoundError",
 ]
