@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import weights
-from .errors import KeyMappingError, ShapeError
+from .errors import FormatError, KeyMappingError, ShapeError
 from .info import guess_family
 from .keys import ANY, ModuleIndex
 from .spec import COMPONENTS, AdapterInfo, AdapterSpec, ModulePatch
@@ -66,53 +66,79 @@ def _candidates(component: str, comps: dict[str, nn.Module]) -> list[str]:
 
 
 def resolve(target: Any, spec: AdapterSpec, *, strict: bool = True) -> list[Target]:
-    """Map every patch to a module and check shapes; raises before anything is written."""
+    """Map every patch to a module and check shapes; raises before anything is written.
+
+    A patch whose component the file does not name goes to the first candidate component where the
+    module exists *and* fits. Keys that match nothing, or only modules of another shape, are reported
+    together with a guess of the model family the file was made for.
+    """
     comps = components(target)
     indexes = {name: ModuleIndex(m) for name, m in comps.items()}
     found: list[Target] = []
     missing: dict[str, list[ModulePatch]] = defaultdict(list)
+    clashes: list[ShapeError] = []
+    seen: dict[tuple[str, str], str] = {}
     for patch in spec.patches:
-        hit = None
+        hit, clash = None, None
         for comp in _candidates(patch.component, comps):
             name = indexes[comp].find(patch.module_key, dotted=patch.dotted)
-            if name is not None:
-                hit = (comp, name)
-                break
+            if name is None:
+                continue
+            module = indexes[comp].modules[name]
+            where = f"{spec.source}: '{patch.original_key}' → {comp + '.' if comp else ''}{name}"
+            try:
+                if not isinstance(module, PATCHABLE):
+                    raise ShapeError(f"{where}: a {type(module).__name__} cannot be adapted (Linear and Conv only)")
+                patch.params.check(module.weight.shape, where=where)
+            except ShapeError as e:
+                clash = clash or e
+                continue
+            hit = Target(patch=patch, component=comp, module_name=name, module=module)
+            break
         if hit is None:
-            missing[patch.component].append(patch)
+            if clash is not None:
+                clashes.append(clash)
+            else:
+                missing[patch.component].append(patch)
             continue
-        comp, name = hit
-        module = indexes[comp].modules[name]
-        where = f"{spec.source}: '{patch.original_key}' → {comp + '.' if comp else ''}{name}"
-        if not isinstance(module, PATCHABLE):
-            raise ShapeError(f"{where}: a {type(module).__name__} cannot be adapted (Linear and Conv only)")
-        patch.params.check(module.weight.shape, where=where)
-        found.append(Target(patch=patch, component=comp, module_name=name, module=module))
-    if missing:
-        _report_missing(target, spec, found, missing, strict=strict)
+        key = (hit.component, hit.module_name)
+        if key in seen:
+            raise FormatError(
+                f"{spec.source}: keys '{seen[key]}' and '{patch.original_key}' both adapt "
+                f"{hit.component + '.' if hit.component else ''}{hit.module_name}"
+            )
+        seen[key] = patch.original_key
+        found.append(hit)
+    if missing or clashes:
+        _report(target, spec, found, missing, clashes, strict=strict)
     return found
 
 
-def _report_missing(target, spec, found, missing, *, strict: bool) -> None:
+def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
+    file_family, model_family = guess_family(spec), pipeline_family(target)
+    other_family = file_family not in ("unknown", model_family) and model_family != "unknown"
+    if clashes and not missing and not other_family:
+        raise clashes[0]  # a genuine shape error on a model the file is made for
     resolved_comps = Counter(t.patch.component for t in found)
-    bare = isinstance(target, nn.Module)
     # A bare module takes the components of the file that fit it; others are skipped, not errors.
-    if bare and found and all(resolved_comps.get(c, 0) == 0 for c in missing):
+    if isinstance(target, nn.Module) and found and not clashes and all(resolved_comps.get(c, 0) == 0 for c in missing):
         warnings.warn(f"{spec.source}: skipped components {sorted(missing)} that do not fit this module", stacklevel=4)
         return
     keys = [p.original_key for ps in missing.values() for p in ps]
-    file_family, model_family = guess_family(spec), pipeline_family(target)
-    hint = ""
-    if file_family != "unknown" and model_family != "unknown" and file_family != model_family:
-        hint = f" The file looks made for {file_family}; the model looks like {model_family}."
-    elif file_family != "unknown":
-        hint = f" The file looks made for {file_family}."
-    msg = (
-        f"{spec.source}: {len(keys)} of {len(spec.patches)} adapter modules match no module of the model "
-        f"(components {sorted(missing)}), e.g. {keys[:5]}.{hint}"
-    )
-    if strict:
-        raise KeyMappingError(msg + " Pass strict=False to load the rest.")
+    hint = f" The file looks made for {file_family}" if file_family != "unknown" else ""
+    if hint and other_family:
+        hint += f"; the model looks like {model_family}"
+    parts = []
+    if keys:
+        parts.append(f"{len(keys)} of {len(spec.patches)} adapter modules match no module of the model "
+                     f"(components {sorted(missing)}), e.g. {keys[:5]}")
+    if clashes:
+        parts.append(f"{len(clashes)} match modules of another shape, e.g. {clashes[0]}")
+    msg = f"{spec.source}: " + "; ".join(parts) + (hint + "." if hint else "")
+    if not found:
+        raise KeyMappingError(msg)
+    if strict or clashes:
+        raise KeyMappingError(msg + (" Pass strict=False to load the rest." if not clashes else ""))
     warnings.warn(msg, stacklevel=4)
 
 

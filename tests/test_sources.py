@@ -252,16 +252,15 @@ def test_peft_sources_inspect_the_same(peft_layout):
     assert (single.methods, single.modules, single.ranks, single.alphas) == ({"lora": 96}, 96, {4: 96}, {8.0: 96})
 
 
-@pytest.mark.xfail(strict=True, reason="a component-less PEFT folder resolves to the first component that has the "
-                   "module names (text_encoder) and raises ShapeError instead of trying text_encoder_2, where it fits")
 def test_peft_folder_for_second_text_encoder(tmp_path, inputs):
     xl = tiny_sdxl_pipeline()
     ref = peft.get_peft_model(copy.deepcopy(xl.text_encoder_2), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
     ref.save_pretrained(str(tmp_path / "te2"))
-    da.load(xl, tmp_path / "te2")
-    assert_close(outputs(None, xl.text_encoder_2, inputs)[1], outputs(None, ref, inputs)[1],
-                 outputs(None, copy.deepcopy(xl.text_encoder_2), inputs)[1])
+    base = outputs(None, xl.text_encoder_2, inputs)[1]
+    info = da.load(xl, tmp_path / "te2")
+    assert info.components == {"*": 24} or set(info.components) <= {"*", "text_encoder_2"}
+    assert_close(outputs(None, xl.text_encoder_2, inputs)[1], outputs(None, ref, inputs)[1], base)
 
 
 # -- old key names -------------------------------------------------------------------------------------

@@ -79,8 +79,10 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
         raise FormatError(f"{raw.source}: no tensors")
     patches = []
     for g in split(raw):
-        first_key = next(iter(g.keys.values()))
-        where = f"{raw.source}: {first_key.rsplit('.', 2)[0] if g.dotted else first_key.split('.', 1)[0]}"
+        suffix0, key0 = next(iter(g.keys.items()))
+        # the module part of the key as written in the file (legacy diffusers keys are shown whole)
+        first_key = key0[: -len(suffix0) - 1] if key0.endswith("." + suffix0) else key0
+        where = f"{raw.source}: {first_key}"
         if check_finite:
             for suffix, t in g.tensors.items():
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
