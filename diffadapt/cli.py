@@ -1,4 +1,4 @@
-"""Command line: ``diffadapt inspect FILE…``."""
+"""Command line: ``diffadapt inspect FILE…``, ``diffadapt generate --prompt … --adapter FILE:W``."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from . import api
-from .errors import DiffAdaptError
+from .errors import DiffAdaptError, SourceError
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -29,6 +30,128 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- generate
+
+TINY_MODEL = "diffadapt-tiny-sd1"
+_SAMPLERS = {  # diffusers scheduler class -> A1111 sampler name, for the infotext
+    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a", "DDIMScheduler": "DDIM",
+    "DPMSolverMultistepScheduler": "DPM++ 2M", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
+    "HeunDiscreteScheduler": "Heun", "UniPCMultistepScheduler": "UniPC", "FlowMatchEulerDiscreteScheduler": "Euler",
+}
+
+
+def _adapter_arg(spec: str) -> tuple[Path, float, float]:
+    """``FILE``, ``FILE:W`` or ``FILE:TE:UNET`` as A1111 tags; multipliers come off the right, so paths may hold ':'."""
+    parts, nums = spec.split(":"), []
+    while not Path(spec).exists() and len(parts) > 1 and len(nums) < 2:
+        try:
+            nums.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    path = Path(":".join(parts))
+    if not path.exists():
+        raise SourceError(f"adapter file not found: '{path}' (from --adapter {spec})")
+    te = nums[0] if nums else 1.0
+    return path, te, nums[1] if len(nums) > 1 else te
+
+
+def _adapter_name(path: Path) -> str:
+    return path.stem if path.is_file() else path.name
+
+
+def _load_model(model: str | None, device: str):
+    """(pipeline, model name, model hash) — the embedded tiny SD1 pipeline when no model is given."""
+    import torch
+
+    if model is None:
+        from .testing import tiny_sd1_pipeline
+
+        return tiny_sd1_pipeline(device=device), TINY_MODEL, None
+    import diffusers
+
+    kw = {"torch_dtype": torch.float16} if device.startswith("cuda") else {}
+    try:
+        if model.lower().endswith((".safetensors", ".ckpt")):
+            from safetensors import safe_open
+
+            from .infotext import adapter_hash
+
+            sdxl = False
+            if model.lower().endswith(".safetensors"):
+                with safe_open(model, "pt") as f:
+                    sdxl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
+            cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+            pipe = cls.from_single_file(model, **kw)
+            name, digest = Path(model).stem, adapter_hash(model, full_file=True, length=10)
+        else:  # local folder or hub id; HF_HUB_OFFLINE=1 keeps it to the cache
+            pipe = diffusers.DiffusionPipeline.from_pretrained(model, **kw)
+            name, digest = Path(model).name if Path(model).exists() else model, None
+    except (OSError, ValueError) as e:
+        raise SourceError(f"cannot load model '{model}': {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), name, digest
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import infotext
+    from .prompt import StackEntry, parse
+
+    parsed = parse(args.prompt)
+    for other in parsed.other:
+        print(f"diffadapt: warning: ignoring {other.text} (only <lora:…>, <lyco:…> are loaded)", file=sys.stderr)
+    given: dict[str, tuple[Path, dict[str, float]]] = {}
+    for spec in args.adapter:
+        path, te, unet = _adapter_arg(spec)
+        name = _adapter_name(path)
+        if name in given:
+            raise DiffAdaptError(f"two --adapter files are named '{name}'")
+        entry = StackEntry(name, te=te, unet=unet)
+        entry.tag()  # a name that cannot be written back into the infotext fails here, before generating
+        given[name] = (path, entry.weight)
+    plan: dict[str, tuple[Path, dict[str, float]]] = {}
+    for name, weight in parsed.weights().items():  # a prompt tag's multipliers win over --adapter's
+        found = given[name][0] if name in given else None
+        if found is None and args.lora_dir is not None:
+            found = next((p for p in (Path(args.lora_dir) / f"{name}.safetensors", Path(args.lora_dir) / name)
+                          if p.exists()), None)
+        if found is None:
+            where = f" nor in --lora-dir '{args.lora_dir}'" if args.lora_dir else " (use --adapter or --lora-dir)"
+            raise SourceError(f"the prompt mentions <lora:{name}> but no --adapter file is named '{name}'{where}")
+        plan[name] = (found, weight)
+    for name, entry in given.items():
+        plan.setdefault(name, entry)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, model_name, model_hash = _load_model(args.model, device)
+    refs = []
+    for name, (path, weight) in plan.items():
+        api.load(pipe, str(path), name, weight=weight)
+        digest = infotext.adapter_hash(path) if path.is_file() else None
+        refs.append(infotext.AdapterRef(name, digest, weight["text_encoder"], weight["unet"]))
+
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    native = 64 if args.model is None else int(denoiser.config.sample_size * pipe.vae_scale_factor)
+    width, height = args.width or native, args.height or native
+    steps = args.steps or (4 if args.model is None else 20)
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    with torch.no_grad():
+        image = pipe(parsed.prompt, negative_prompt=args.negative_prompt or None, num_inference_steps=steps,
+                     guidance_scale=args.cfg, width=width, height=height, generator=generator,
+                     output_type="np").images[0]
+    scheduler = type(pipe.scheduler).__name__
+    text = infotext.write(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=steps,
+        sampler=_SAMPLERS.get(scheduler, scheduler),
+        schedule_type="Karras" if pipe.scheduler.config.get("use_karras_sigmas") else None, cfg_scale=args.cfg,
+        seed=args.seed, width=width, height=height, model=model_name, model_hash=model_hash, adapters=refs,
+    )
+    print(infotext.save_png(image, args.out, text))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffadapt", description="Load, inspect and convert diffusion adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata", action="store_true", help="also print the file's metadata")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (runs pickle)")
     p.set_defaults(func=_inspect)
+    p = sub.add_parser("generate", help="generate an image with adapters; writes a PNG with A1111 infotext")
+    p.add_argument("--prompt", required=True, help="may hold A1111 tags: <lora:NAME:W> or <lora:NAME:TE:UNET>")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--adapter", action="append", default=[], metavar="FILE[:W|:TE:UNET]",
+                   help="adapter file or folder with A1111 multipliers (a prompt tag of its name wins); repeatable")
+    p.add_argument("--lora-dir", help="where <lora:NAME> tags not given by --adapter are found (DIR/NAME.safetensors)")
+    p.add_argument("--model", help="diffusers folder, hub id or .safetensors/.ckpt file (default: tiny test model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="default 4 on the tiny model, else 20")
+    p.add_argument("--cfg", type=float, default=7.0, help="guidance (CFG) scale")
+    p.add_argument("--width", type=int, help="default: the model's native size (64 on the tiny model)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--out", default="out.png")
+    p.set_defaults(func=_generate)
     return parser
 
 
