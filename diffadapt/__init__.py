@@ -1,6 +1,8 @@
 """diffadapt: load, mix and hot-swap any diffusion adapter in diffusers pipelines."""
 
 from .api import adapters, inspect, load, unload
+from .api import convert, fuse, save, unfuse
+from .hotswap import hotswap, using
 from .merge import merge
 from .mixing import disable, enable, get_weights, set_weights
 from .errors import (
@@ -19,7 +21,9 @@ from .spec import AdapterInfo
 __version__ = "0.1.0"
 
 __all__ = [
+    "save", "convert", "fuse", "unfuse",
     "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "get_weights", "enable", "disable", "merge",
+    "hotswap", "using",
     "DiffAdaptError", "SourceError", "FormatError", "PickleRefusedError", "KeyMappingError", "ShapeError",
     "NonFiniteError", "UnsupportedError", "AdapterNotFoundError",
 ]

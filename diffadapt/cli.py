@@ -1,4 +1,5 @@
-"""Command line: ``diffadapt inspect FILE…``, ``diffadapt generate --prompt … --adapter FILE:W``."""
+"""Command line: ``diffadapt inspect FILE…``, ``diffadapt convert SRC DEST --to kohya|peft``,
+``diffadapt generate --prompt … --adapter FILE:W``."""
 
 from __future__ import annotations
 
@@ -152,6 +153,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- convert
+
+
+def _convert(args: argparse.Namespace) -> int:
+    model = args.model
+    if model is not None and model not in ("sd1", "sdxl"):
+        model = _load_model(model, "cpu")[0]  # a diffusers folder / hub id / single file: its module names
+    for path in api.convert(args.source, args.dest, to=args.to, dtype=args.dtype, exclude=args.exclude,
+                            model=model, allow_pickle=args.allow_pickle, overwrite=args.force):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffadapt", description="Load, inspect and convert diffusion adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--out", default="out.png")
     p.set_defaults(func=_generate)
+    p = sub.add_parser("convert", help="convert an adapter between kohya/LyCORIS and PEFT formats")
+    p.add_argument("source", help="adapter file, folder or hub id")
+    p.add_argument("dest", help="kohya: a .safetensors file; peft: a folder (one per component) or a .safetensors file")
+    p.add_argument("--to", required=True, choices=["kohya", "peft"])
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="cast the tensors (default: keep)")
+    p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
+                   help="drop modules matching these shell patterns, e.g. 'text_encoder*' '*down_blocks_0_*'")
+    p.add_argument("--model", help="sd1 | sdxl | diffusers folder or hub id, to resolve kohya names for PEFT "
+                                    "output (default: the file's guessed family)")
+    p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (runs pickle)")
+    p.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    p.set_defaults(func=_convert)
     return parser
 
 

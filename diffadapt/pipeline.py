@@ -23,13 +23,16 @@ PATCHABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def components(target: Any) -> dict[str, nn.Module]:
-    """The adaptable modules of a pipeline by component name; a bare module is the single component ''."""
+    """The adaptable modules of a pipeline by component name; a bare module is the single component ''.
+
+    A ``torch.compile``d component (``pipe.unet = torch.compile(pipe.unet)``) stands for the module it wraps.
+    """
     if isinstance(target, nn.Module):
-        return {"": target}
+        return {"": getattr(target, "_orig_mod", target)}
     comps = getattr(target, "components", None)
     if not isinstance(comps, dict):
         raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(target).__name__}")
-    return {k: v for k, v in comps.items() if k in COMPONENTS and isinstance(v, nn.Module)}
+    return {k: getattr(v, "_orig_mod", v) for k, v in comps.items() if k in COMPONENTS and isinstance(v, nn.Module)}
 
 
 def pipeline_family(target: Any) -> str:
@@ -50,7 +53,15 @@ class Target:
     patch: ModulePatch
     component: str
     module_name: str
-    module: nn.Module
+    module: nn.Module  # the original module, under any peft wrappers inject mode put around it
+    root: nn.Module | None = None  # the component the module sits in
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module under peft tuner-layer wrappers (each keeps the original as ``base_layer``)."""
+    while hasattr(module, "base_layer") and hasattr(module, "active_adapters"):
+        module = module.base_layer
+    return module
 
 
 def _candidates(component: str, comps: dict[str, nn.Module]) -> list[str]:
@@ -84,7 +95,7 @@ def resolve(target: Any, spec: AdapterSpec, *, strict: bool = True) -> list[Targ
             name = indexes[comp].find(patch.module_key, dotted=patch.dotted)
             if name is None:
                 continue
-            module = indexes[comp].modules[name]
+            module = unwrap(indexes[comp].modules[name])
             where = f"{spec.source}: '{patch.original_key}' → {comp + '.' if comp else ''}{name}"
             try:
                 if not isinstance(module, PATCHABLE):
@@ -93,7 +104,7 @@ def resolve(target: Any, spec: AdapterSpec, *, strict: bool = True) -> list[Targ
             except ShapeError as e:
                 clash = clash or e
                 continue
-            hit = Target(patch=patch, component=comp, module_name=name, module=module)
+            hit = Target(patch=patch, component=comp, module_name=name, module=module, root=comps[comp])
             break
         if hit is None:
             if clash is not None:

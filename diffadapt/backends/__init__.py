@@ -10,9 +10,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import UnsupportedError
-from . import patch
+from . import inject, patch
 
-BACKENDS: dict[str, ModuleType] = {patch.NAME: patch}
+BACKENDS: dict[str, ModuleType] = {patch.NAME: patch, inject.NAME: inject}
 
 
 def get(mode: str) -> ModuleType:

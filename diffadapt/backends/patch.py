@@ -7,7 +7,10 @@ Order of composition on one module (documented in docs/design.md):
 Math runs in float32 on the weight's device; the result is cast to the weight's dtype.
 
 The original tensor object is kept, not copied: the first patch swaps ``param.data`` to a new tensor
-and a restore swaps the original back, so unloading is bit-exact and costs no copy.
+(with the original's strides) and a restore swaps the original back, so unloading is bit-exact and costs no
+copy. Between the two, every rewrite — another adapter, a weight change, a hotswap — goes in place into that
+buffer. torch.compile guards a parameter's dtype, device, shape, strides and requires_grad but not its storage,
+so neither the swaps nor the in-place writes recompile; keeping the buffer also spares CUDA graphs a re-record.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ class Slot:
         if lowrank:
             u = torch.cat([f[0] * e.strength for e, f in lowrank], dim=1)
             d = torch.cat([f[1] for _, f in lowrank], dim=0)
-            only = len(lowrank) == len(live) and w is w0 and out is not None and out.dtype == torch.float32
+            only = (len(lowrank) == len(live) and w is w0 and out is not None and out.dtype == torch.float32
+                    and out.is_contiguous())
             w = torch.addmm(w.reshape(shape[0], -1), u, d, out=out.view(shape[0], -1) if only else None)
             w = w.view(shape)
             owned = True
@@ -79,6 +83,8 @@ class Slot:
             bias = b.to(self.original_bias.dtype)
         return w.to(w0.dtype), bias
 
+    @torch.inference_mode(False)  # an inference tensor in a parameter would fail compiled code's guards
+    @torch.no_grad()
     def write(self, *, inplace: bool = False) -> None:
         """Recompute and store. ``inplace`` keeps the current storage (what torch.compile sees)."""
         current = self.module.weight.data
@@ -105,6 +111,8 @@ def _store(param: torch.Tensor, value: torch.Tensor, original: torch.Tensor, *, 
     if inplace and not _same(current, original):
         current.copy_(value)  # keep the patched buffer: compiled graphs keep pointing at it
     elif not _same(current, value):
+        if value.stride() != original.stride():  # e.g. channels_last: compiled code guards the strides
+            value = torch.empty_like(original).copy_(value)
         param.data = value
 
 
@@ -130,14 +138,18 @@ def drop_slot(module: nn.Module) -> None:
         slot.restore()
 
 
-def _take_off(module: nn.Module, name: str) -> None:
-    """Take adapter ``name`` off the module; the originals come back bit-exactly when none is left."""
+def _take_off(module: nn.Module, name: str, *, park: bool = False) -> None:
+    """Take adapter ``name`` off the module; the originals come back bit-exactly when none is left.
+
+    ``park`` keeps an emptied slot and its buffer, holding a copy of the original values, so that a later
+    hotswap back onto the module writes in place again (see :func:`hotswap`).
+    """
     slot = _SLOTS.get(module)
     if slot is None:
         return
     slot.entries = [e for e in slot.entries if e.name != name]
-    if slot.entries:
-        slot.write()
+    if slot.entries or park:
+        slot.write(inplace=True)
     else:
         drop_slot(module)
 
@@ -157,7 +169,7 @@ def apply(loaded) -> None:
             slot = slot_for(t.module)
             slot.entries.append(Entry(name=loaded.name, params=params, strength=loaded.strength(t.component, t.module_name)))
             done.append(t.module)
-            slot.write()
+            slot.write(inplace=True)
     except BaseException:
         for module in done:
             _take_off(module, loaded.name)
@@ -167,6 +179,7 @@ def apply(loaded) -> None:
 def remove(loaded) -> None:
     for t in loaded.targets:
         _take_off(t.module, loaded.name)
+    _unpark(loaded.extra.pop(PARKED, ()))
 
 
 def refresh(loaded_list, *, inplace: bool = True) -> None:
@@ -184,3 +197,60 @@ def refresh(loaded_list, *, inplace: bool = True) -> None:
             slots[id(slot)] = slot
     for slot in slots.values():
         slot.write(inplace=inplace)
+
+
+# -- hotswap -------------------------------------------------------------------------------------------
+
+PARKED = "patch.parked"  # Loaded.extra key: modules a hotswap left without entries, buffers kept
+
+
+def _unpark(modules) -> None:
+    for module in modules:
+        slot = _SLOTS.get(module)
+        if slot is not None and not slot.entries:
+            drop_slot(module)
+
+
+def _replace(entries: list[Entry], name: str, new: list[Entry]) -> list[Entry]:
+    """``entries`` with adapter ``name``'s replaced by ``new`` at the same place in the stack (load order)."""
+    at = next((i for i, e in enumerate(entries) if e.name == name), len(entries))
+    rest = [e for e in entries if e.name != name]
+    return rest[:at] + new + rest[at:]
+
+
+def hotswap(loaded, targets) -> None:
+    """Replace ``loaded``'s entries with ones for ``targets`` (resolved from another file), in place.
+
+    Modules already patched are rewritten in their current buffer; newly targeted modules get a slot; a
+    module no longer targeted loses the entry and, when none is left, is *parked*: its buffer stays and
+    receives a copy of the original values (bit-exact), so swapping back later is again an in-place write.
+    Parked slots are dropped by :func:`remove`. A failure while writing rolls every touched module back.
+    """
+    name = loaded.name
+    new: dict[nn.Module, list[Entry]] = {}
+    for t in targets:  # every conversion before the first write
+        params = t.patch.params.to(device=t.module.weight.device, dtype=torch.float32)
+        new.setdefault(t.module, []).append(Entry(name, params, loaded.strength(t.component, t.module_name)))
+    old = list(dict.fromkeys(t.module for t in loaded.targets))
+    parked = [m for m in loaded.extra.get(PARKED, ()) if m not in new]
+    touched = list(dict.fromkeys([*new, *old]))
+    saved = {m: list(_SLOTS[m].entries) for m in touched if m in _SLOTS}
+    try:
+        for module, entries in new.items():
+            slot = slot_for(module)
+            slot.entries = _replace(slot.entries, name, entries)
+            slot.write(inplace=True)
+        for module in old:
+            if module not in new:
+                _take_off(module, name, park=True)
+                parked.append(module)
+    except BaseException:
+        for module in touched:
+            if module in saved:
+                slot = slot_for(module)
+                slot.entries = saved[module]
+                slot.write(inplace=True)
+            else:
+                drop_slot(module)
+        raise
+    loaded.extra[PARKED] = list(dict.fromkeys(m for m in parked if m in _SLOTS and not _SLOTS[m].entries))

@@ -1,0 +1,212 @@
+"""Load-time benchmark: diffadapt's patch-mode ``da.load`` against the reference loaders, same end state.
+
+All on the real-size SD1.5 UNet (random weights, fp32, CPU), in one process, inside a
+``StableDiffusionPipeline`` with tiny other components. Adapters are made by LyCORIS and saved with
+safetensors, on every attention, resnet, up/down-sampler, conv_in/out and time-embedding layer (282 modules):
+
+* kohya LoRA, rank 16, alpha 8 (≈ 68 MB) — reference: diffusers ``load_lora_weights`` + ``fuse_lora``;
+* LoHa, rank 8, alpha 8 (≈ 68 MB, same size as the LoRA) — reference: ``lycoris.create_lycoris_from_weights``
+  + ``merge_to``;
+* LoKr, factor 8, rank 16, alpha 16, w2 decomposed (w2_a @ w2_b), w1 full (≈ 9 MB) — reference as LoHa.
+  LoHa/LoKr use alpha = rank because LyCORIS' ``merge_to`` applies alpha/r twice (see docs/design.md).
+
+Per case: load time (diffusers: load + fuse; LyCORIS: load + merge), the ratio diffadapt / reference,
+diffadapt's unload against diffusers' unfuse + unload, and the peak RSS each load adds over the RSS before
+it (sampled every 5 ms, in the warm-up round, after handing freed heap memory back to the OS). Each side runs one
+untimed warm-up round, then ``--repeats`` timed rounds (default 3, ``--quick``: 1), the two sides
+interleaved so that load from other processes hits both alike; times are medians, the ratio is the median
+of the per-round ratios. Every round starts from the base weights. The warm-up rounds double as a sanity
+check: the parameters diffadapt patches must be exactly those the reference changes, and max |Δ| between
+the two end states (printed) must be <= 1e-5, so the bench cannot pass by doing less work.
+
+Targets: LoRA load ≤ 0.10 × diffusers load + fuse. (No target is set yet for LoHa/LoKr or memory.)
+
+Run: ``python bench/load.py [--repeats N] [--quick] [--threads N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import tempfile
+import time
+
+import common
+import torch
+
+import diffadapt as da
+from diffadapt import testing
+
+TARGETS = {"lora": 0.10}
+TOLERANCE = 1e-5
+CASES = {  # name: (label, lycoris_network kwargs, reference)
+    "lora": ("kohya LoRA r16 vs diffusers", dict(algo="lora", rank=16, alpha=8), "diffusers"),
+    "loha": ("LoHa r8 vs lycoris", dict(algo="loha", rank=8, alpha=8), "lycoris"),
+    "lokr": ("LoKr f8 r16 vs lycoris", dict(algo="lokr", rank=16, alpha=16, factor=8), "lycoris"),
+}
+
+
+@contextlib.contextmanager
+def lycoris_prefix(prefix: str):
+    """LyCORIS matches module names against a class-level prefix; set it for one call."""
+    from lycoris import LycorisNetwork
+
+    saved, LycorisNetwork.LORA_PREFIX = LycorisNetwork.LORA_PREFIX, prefix
+    try:
+        yield
+    finally:
+        LycorisNetwork.LORA_PREFIX = saved
+
+
+class Bench:
+    def __init__(self, pipe, snapshot: common.Snapshot):
+        self.pipe, self.unet, self.snap = pipe, pipe.unet, snapshot
+        self.mem: dict[str, float] = {}
+        self.measure = False  # peak RSS in the warm-up rounds only: no sampler thread while timing
+
+    @contextlib.contextmanager
+    def _memory(self, key: str):
+        if not self.measure:
+            yield
+            return
+        with common.PeakRSS() as m:
+            yield
+        self.mem[key] = m.added_mb
+
+    # -- diffadapt ----------------------------------------------------------------------------------
+    def diffadapt_round(self, path: str, key: str, check: dict | None = None):
+        def round_(times):
+            before = {n: p.data_ptr() for n, p in self.unet.named_parameters()}
+            with self._memory(f"{key}/diffadapt"), common.timed(times, "load"):
+                da.load(self.pipe, path, "x")
+            if check is not None:  # references to the patched weights (no copy) for the reference's round
+                check["patched"] = {n: p.data for n, p in self.unet.named_parameters() if p.data_ptr() != before[n]}
+            with common.timed(times, "unload"):
+                da.unload(self.pipe, "x")
+        return round_
+
+    # -- diffusers ----------------------------------------------------------------------------------
+    def diffusers_round(self, path: str, key: str, check: dict | None = None):
+        def round_(times):
+            with self._memory(f"{key}/reference"):
+                with common.timed(times, "load"):
+                    self.pipe.load_lora_weights(path, adapter_name="ref")
+                with common.timed(times, "fuse"):
+                    self.pipe.fuse_lora(components=["unet"])
+            if check is not None and "patched" in check:
+                self._compare(check, lambda n: n.replace(".base_layer", "") if "lora_" not in n else None)
+            with common.timed(times, "unfuse"):
+                self.pipe.unfuse_lora(components=["unet"])
+            with common.timed(times, "unload"):
+                self.pipe.unload_lora_weights()
+            self.snap.restore()  # unfusing subtracts the delta again: not bit-exact
+        return round_
+
+    # -- lycoris ------------------------------------------------------------------------------------
+    def lycoris_round(self, path: str, key: str, check: dict | None = None):
+        from lycoris import create_lycoris_from_weights
+
+        def round_(times):
+            with self._memory(f"{key}/reference"):
+                with common.timed(times, "load"), lycoris_prefix("lora_unet"):
+                    network, _ = create_lycoris_from_weights(1.0, path, self.unet)
+                with common.timed(times, "merge"):
+                    network.merge_to(1.0)
+            del network
+            if check is not None and "patched" in check:
+                self._compare(check, lambda n: n)
+            self.snap.restore()  # merge_to writes in place
+        return round_
+
+    def _compare(self, check: dict, rename) -> None:
+        """Against ``check["patched"]``: record the parameters that differ from the base now, and max |Δ|."""
+        patched, touched, delta = check["patched"], [], 0.0
+        for n, p in self.unet.named_parameters():
+            base = rename(n)
+            if base is not None and not torch.equal(p, self.snap.saved[base]):
+                touched.append(base)
+                if base in patched:
+                    delta = max(delta, (p.detach() - patched[base]).abs().max().item())
+        check.update(touched=touched, delta=delta)
+
+    # -- one case -----------------------------------------------------------------------------------
+    def case(self, key: str, path: str, reference: str, repeats: int) -> dict:
+        make = self.diffusers_round if reference == "diffusers" else self.lycoris_round
+        check: dict = {}  # the warm-up rounds double as the equality check and the memory measurement
+        self.measure = True
+        common.run_rounds({"ours": self.diffadapt_round(path, key, check), "ref": make(path, key, check)}, repeats=0)
+        self.measure = False
+        patched, touched = set(check.pop("patched")), set(check["touched"])
+        if patched != touched:
+            raise SystemExit(f"{key}: touched parameters differ: only diffadapt {sorted(patched - touched)[:5]}, "
+                             f"only {reference} {sorted(touched - patched)[:5]}")
+        if not check["delta"] <= TOLERANCE:
+            raise SystemExit(f"{key}: diffadapt and {reference} disagree: max |Δ| = {check['delta']:.3g}")
+        s = common.run_rounds({"ours": self.diffadapt_round(path, key), "ref": make(path, key)}, repeats=repeats, warmup=0)
+        second = "fuse" if reference == "diffusers" else "merge"
+        ratios = [o / (r + f) for o, r, f in zip(s["ours"]["load"], s["ref"]["load"], s["ref"][second])]
+        med = {side: {ph: common.median(v) for ph, v in phases.items()} for side, phases in s.items()}
+        mem = {side: self.mem[f"{key}/{side}"] for side in ("diffadapt", "reference")}
+        return {**med, "ratio": common.median(ratios), "ratios": ratios, "mem": mem, "delta": check["delta"], "touched": len(touched)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds per side (median); default 3")
+    ap.add_argument("--quick", action="store_true", help="1 timed round per side")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice); 1 gives "
+                    "steadier numbers on a machine shared with other jobs")
+    args = ap.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common.quiet()
+    t_start = time.perf_counter()
+
+    pipe = common.sd15_pipeline(common.sd15_unet())
+    bench = Bench(pipe, common.Snapshot(pipe.unet))
+    results, sizes = {}, {}
+    with tempfile.TemporaryDirectory(prefix="diffadapt-bench-") as tmp:
+        scratch = common.empty_like_model(testing.sd15_unet)
+        configs = {k: dict(prefix="lora_unet", **kw) for k, (_, kw, _) in CASES.items()}
+        paths = common.make_lycoris_files(scratch, configs, tmp)
+        del scratch
+        for key, (label, _, reference) in CASES.items():
+            sizes[key] = os.path.getsize(paths[key]) / common.MB
+            results[key] = bench.case(key, paths[key], reference, repeats)
+            print(f"  {label}: done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    print(render(results, sizes, repeats, time.perf_counter() - t_start))
+    print(f"torch threads: {torch.get_num_threads()}")
+
+
+def render(results: dict, sizes: dict, repeats: int, elapsed: float) -> str:
+    rows = []
+    for key, (label, _, reference) in CASES.items():
+        r = results[key]
+        second = "fuse" if reference == "diffusers" else "merge"
+        ref_total = r["ref"]["load"] + r["ref"][second]
+        target = f"<= {TARGETS[key]:.2f}" if key in TARGETS else "-"
+        rows.append([label, f"load {r['ref']['load']:.2f} + {second} {r['ref'][second]:.2f} = {ref_total:.2f}",
+                     f"{r['ours']['load']:.2f}", f"{r['ratio']:.3f}", target])
+    lo = results["lora"]
+    unfuse = lo["ref"]["unfuse"] + lo["ref"]["unload"]
+    rows.append(["LoRA unload vs unfuse+unload", f"unfuse {lo['ref']['unfuse']:.2f} + unload {lo['ref']['unload']:.2f}",
+                 f"{lo['ours']['unload']:.3f}", f"{lo['ours']['unload'] / unfuse:.3f}", "-"])
+    for key, (label, _, reference) in CASES.items():
+        m = results[key]["mem"]
+        rows.append([f"peak MB added, {label.split(' vs ')[0]}", f"{m['reference']:.0f}", f"{m['diffadapt']:.0f}",
+                     f"{m['diffadapt'] / max(m['reference'], 1):.2f}", "-"])
+    out = [common.fmt_table(rows, ["case", "reference (s)", "diffadapt (s)", "ratio", "target"]), ""]
+    for key, (label, _, reference) in CASES.items():
+        r = results[key]
+        out.append(f"max |Δ| diffadapt vs {reference}, {label.split(' vs ')[0]} ({sizes[key]:.1f} MB file): "
+                   f"{r['delta']:.3g} over {r['touched']} touched parameters; ratio per round "
+                   + " ".join(f"{x:.2f}" for x in r["ratios"]))
+    verdict = "PASS" if all(results[k]["ratio"] <= t for k, t in TARGETS.items()) else "FAIL"
+    out.append(f"targets: {verdict}   (median of {repeats} timed rounds after 1 warm-up; bench took {elapsed:.0f} s)")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""peft tuner layers built from :class:`~diffadapt.export.peft.Group` s, and what diffadapt does to them after.
+
+:func:`build` injects one group around a list of modules with ``peft.inject_adapter_in_model(...,
+low_cpu_mem_usage=True, state_dict=...)``. The root peft sees is a *proxy* holding only those modules (named
+``m0, m1, …``), so peft neither scans the whole component nor changes anything outside the targets; the new
+layers are moved into the real parents only once everything succeeded. The same call around empty modules
+gives the exact keys and shapes peft saves (used by the PEFT writer).
+
+Strength (:func:`set_strength`) and the active-adapter list (:func:`activate`) are diffadapt's: peft has no
+strength for OFT, WaveFT or DoRA, and its ``set_adapter`` would switch the other adapters of a layer off.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from ..errors import DiffAdaptError, UnsupportedError
+from ..export.peft import Group, make_config
+
+
+def tuner_layer_cls():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return BaseTunerLayer
+
+
+def is_layer(module: nn.Module) -> bool:
+    return isinstance(module, tuner_layer_cls())
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The original module under any peft wrappers."""
+    while is_layer(module):
+        module = module.base_layer
+    return module
+
+
+def chain(module: nn.Module) -> list[nn.Module]:
+    """The peft layers wrapping a module, outermost first."""
+    out = []
+    while is_layer(module):
+        out.append(module)
+        module = module.base_layer
+    return out
+
+
+# -- building ----------------------------------------------------------------------------------------
+
+
+def build(modules: list[nn.Module], names: list[str], group: Group, adapter: str, *, load: bool = True):
+    """Inject ``group`` (modules in ``names`` order) around ``modules``; returns (layers, checkpoint state dict).
+
+    ``load`` also assigns the tensors (``set_peft_model_state_dict``); without it only keys and shapes are
+    checked. Raises DiffAdaptError if peft expects other tensors than the group provides.
+    """
+    from peft import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+
+    proxy = nn.Module()
+    alias = {n: f"m{i}" for i, n in enumerate(names)}
+    for n, m in zip(names, modules):
+        proxy._modules[alias[n]] = m
+    sd = {f"{alias[n]}.{suffix}": t for n in names for suffix, t in group.modules[n].tensors.items()}
+    config = make_config(group, alias)
+    grads = [(p, p.requires_grad) for p in proxy.parameters()]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inject_adapter_in_model(config, proxy, adapter_name=adapter, low_cpu_mem_usage=True, state_dict=sd)
+        # the keys and shapes peft itself would save for this adapter (not for others nested in the same modules)
+        own = {k: v for k, v in proxy.state_dict(keep_vars=True).items()
+               if f".{adapter}." in k or k.endswith(f".{adapter}")}
+        expected = {k: v.shape for k, v in get_peft_model_state_dict(proxy, own, adapter_name=adapter).items()}
+        _fit(sd, expected, group, names, alias)
+        if load:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = set_peft_model_state_dict(proxy, sd, adapter_name=adapter, low_cpu_mem_usage=True)
+            if result.unexpected_keys:
+                raise DiffAdaptError(f"peft did not take the tensors {result.unexpected_keys[:5]}")
+            left = [n for n, p in proxy.named_parameters() if adapter in n and p.device.type == "meta"]
+            if left:
+                raise DiffAdaptError(f"peft left adapter parameters unloaded: {left[:5]}")
+    finally:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+    layers = [proxy._modules[alias[n]] for n in names]
+    back = {v: k for k, v in alias.items()}
+    return layers, {_rename(k, back): v for k, v in sd.items()}
+
+
+def _rename(key: str, back: dict[str, str]) -> str:
+    head, _, rest = key.partition(".")
+    return f"{back[head]}.{rest}"
+
+
+def _fit(sd: dict, expected: dict, group: Group, names: list[str], alias: dict[str, str]) -> None:
+    """Reshape the tensors to peft's parameter shapes; any missing, extra or misfitting tensor is an error."""
+    missing = sorted(set(expected) - set(sd))
+    extra = sorted(set(sd) - set(expected))
+    if missing or extra:
+        back = {v: k for k, v in alias.items()}
+        raise DiffAdaptError(
+            f"peft's {group.peft_type} layers expect other tensors: missing {[_rename(k, back) for k in missing[:4]]}, "
+            f"unexpected {[_rename(k, back) for k in extra[:4]]}"
+        )
+    for key, shape in expected.items():
+        t = sd[key]
+        if tuple(t.shape) != tuple(shape):
+            if t.numel() != math.prod(shape):
+                raise DiffAdaptError(f"{key}: peft expects shape {tuple(shape)}, the adapter has {tuple(t.shape)}")
+            sd[key] = t.reshape(shape)
+
+
+# -- state after building ----------------------------------------------------------------------------
+
+# strength of each diffadapt-managed adapter on each layer; other adapters on the layer are left as they are
+_STRENGTH: "weakref.WeakKeyDictionary[nn.Module, dict[str, float]]" = weakref.WeakKeyDictionary()
+
+
+def adapter_names(layer: nn.Module) -> list[str]:
+    """The adapters a layer holds, in the order they were added."""
+    for attr in ("scaling", "waveft_scaling"):
+        d = getattr(layer, attr, None)
+        if isinstance(d, dict) and d:
+            return list(d)
+    seen: dict[str, None] = {}
+    for attr in layer.adapter_layer_names:
+        d = getattr(layer, attr, None)
+        if isinstance(d, (nn.ModuleDict, nn.ParameterDict)):
+            seen.update(dict.fromkeys(d.keys()))
+    return list(seen)
+
+
+def is_oft(layer: nn.Module) -> bool:
+    return hasattr(layer, "oft_R")
+
+
+def activate(layer: nn.Module, foreign_active: list[str] | None = None) -> None:
+    """Active = managed adapters with a non-zero strength (plus any active foreign ones), in load order.
+
+    An OFT layer applies its adapters to the input one after the other, so the last loaded must act
+    first for the rotations to compose as in patch mode (W·R₁ᵀ·R₂ᵀ): its list is reversed.
+    """
+    managed = _STRENGTH.get(layer, {})
+    foreign = set(layer.active_adapters if foreign_active is None else foreign_active)
+    names = [n for n in adapter_names(layer) if (managed[n] != 0.0 if n in managed else n in foreign)]
+    layer._active_adapter = names[::-1] if is_oft(layer) else names
+
+
+def record(layer: nn.Module, adapter: str, strength: float) -> None:
+    _STRENGTH.setdefault(layer, {})[adapter] = strength
+
+
+def forget(layer: nn.Module, adapter: str) -> None:
+    d = _STRENGTH.get(layer)
+    if d is not None:
+        d.pop(adapter, None)
+
+
+def managed(layer: nn.Module) -> dict[str, float]:
+    return dict(_STRENGTH.get(layer, {}))
+
+
+def is_empty(layer: nn.Module) -> bool:
+    return not layer._get_available_adapters() and not adapter_names(layer)
+
+
+# -- strength ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def set_strength(site, s: float) -> None:
+    """Make the layer compute W + s·Δ (or the method's strength rule) for this adapter: exact, in place."""
+    layer, n = site.layer, site.peft_name
+    record(layer, n, s)
+    if s == 0.0:
+        return  # inactive: the layer skips it (see activate)
+    if site.peft_type == "OFT":
+        if site.extra.get("coft") and abs(s) > 1:
+            raise UnsupportedError(f"{site.where}: COFT re-projects |Q| at every forward, so weight {s} "
+                                   "(|w| > 1) cannot be held by peft's layer; use mode='patch'")
+        layer.oft_R[n].weight.copy_(site.extra["vec0"] if s == 1.0 else site.extra["vec"] * s)
+    elif site.peft_type == "WAVEFT":
+        layer.waveft_scaling[n] = site.base_scaling * s
+    elif site.extra.get("dora"):
+        if s == 1.0:
+            restore_originals(site)
+        else:
+            _dora_strength(site, s)
+    else:
+        layer.scaling[n] = site.base_scaling * s
+
+
+def _dora_strength(site, s: float) -> None:
+    """W + s·(m·(W+Δ)/‖W+Δ‖ − W) with peft's DoRA layer: fold s into lora_B rows and the magnitude.
+
+    peft computes g·(W + sc·B·A) with g = m/‖W + sc·B·A‖ per output row. With g₁ = m/‖W+Δ‖, the target row
+    is g'·W + s·g₁·Δ, g' = 1 − s + s·g₁; so B' = (s·g₁/g')·B and m' = g'·‖W + (s·g₁/g')·Δ‖. The base weight
+    is read now: a later patch-mode change to the same module's weight needs the weight set again.
+    """
+    layer, n = site.layer, site.peft_name
+    b0, m0 = site.extra["lora_B"], site.extra["magnitude"]
+    w = layer.get_base_layer().weight.float()
+    shape = w.shape
+    delta = site.extra["params"].delta(shape).to(w.device)
+    rows = (shape[0],) + (1,) * (w.dim() - 1)
+    g1 = m0.float().reshape(-1) / (w + delta).flatten(1).norm(dim=1)
+    g = 1 - s + s * g1
+    if bool((g.abs() < 1e-6).any()):
+        raise UnsupportedError(f"{site.where}: DoRA at weight {s} cancels a row of the weight; use mode='patch'")
+    c = s * g1 / g
+    m = g * (w + c.reshape(rows) * delta).flatten(1).norm(dim=1)
+    lora_b = layer.lora_B[n].weight
+    lora_b.copy_((b0.float() * c.reshape((-1,) + (1,) * (b0.dim() - 1))).reshape(lora_b.shape))
+    mag = layer.lora_magnitude_vector[n].weight
+    mag.copy_(m.reshape(mag.shape))
+
+
+@torch.no_grad()
+def restore_originals(site) -> None:
+    """Put back the tensors strength rules rewrite (OFT skew, DoRA lora_B and magnitude)."""
+    layer, n = site.layer, site.peft_name
+    if site.peft_type == "OFT":
+        layer.oft_R[n].weight.copy_(site.extra["vec0"])
+    elif site.extra.get("dora"):
+        layer.lora_B[n].weight.copy_(site.extra["lora_B"].reshape(layer.lora_B[n].weight.shape))
+        mag = layer.lora_magnitude_vector[n].weight
+        mag.copy_(site.extra["magnitude"].reshape(mag.shape))

@@ -1,0 +1,199 @@
+"""Saving a loaded adapter (``save``) and converting files (``convert``) between kohya/LyCORIS and PEFT.
+
+Both go through the canonical spec: tensors are parsed into typed params, then written by ``export.kohya``
+or ``export.peft_files``. Every check (format, dtype, destination, representability of every module) runs
+before the first byte is written.
+
+Module names. kohya files flatten paths ('.' → '_'), which cannot be undone by rule ('down_blocks_0' vs
+'transformer_blocks' vs 'to_out_0'), so turning kohya names into PEFT's dotted ones needs the module tree:
+``model=`` (a pipeline or module), else the architecture of the file's base family built on the meta device
+from ``diffadapt.testing``'s real-size configs (SD1.x, SDXL — no weights, well under a second). The same
+tree gives PEFT writers each module's weight shape. kohya output needs no model: dotted names flatten.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import AdapterNotFoundError, DiffAdaptError, KeyMappingError, ShapeError
+from .export import DTYPES, Item, module_kind
+from .export.kohya import kohya_metadata, kohya_state_dict, sdxl_ldm
+from .export.peft_files import write_peft
+from .info import guess_family
+from .io import write_safetensors
+from .keys.kohya import diffusers_to_ldm
+from .pipeline import Target, components, pipeline_family, registry, resolve
+from .spec import AdapterSpec
+
+FORMATS = ("kohya", "peft")
+
+
+def parse_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise DiffAdaptError(f"dtype={dtype!r}: use one of fp16, bf16, fp32 (or a torch dtype)")
+
+
+def _check_request(to: str, dest: Any, overwrite: bool) -> Path:
+    if to not in FORMATS:
+        raise DiffAdaptError(f"format {to!r}: choose one of {list(FORMATS)}")
+    if not isinstance(dest, (str, os.PathLike)):
+        raise DiffAdaptError(f"destination must be a path, got {type(dest).__name__}")
+    path = Path(dest).expanduser()
+    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+        raise DiffAdaptError(f"{path}: already exists; pass overwrite=True (CLI: --force) to replace it")
+    return path
+
+
+def excluded(patch, patterns: Iterable[str]) -> bool:
+    """Shell-style patterns against the module as named in the file: 'component.module', the flat (kohya)
+    and dotted spellings, and the file's key (so 'text_encoder*', 'lora_te_*', '*down_blocks_0_*' all work)."""
+    flat = patch.module_key.replace(".", "_")
+    names = (f"{patch.component}.{patch.module_key}", f"{patch.component}.{flat}", patch.module_key, flat,
+             patch.original_key)
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
+
+
+# -- model trees -------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def architecture(family: str):
+    """Components of a known base family on the meta device (module names and shapes only), or None."""
+    from .testing import sd15_text_encoder, sd15_unet, sdxl_unet
+
+    if family == "sd1":
+        return SimpleNamespace(components={"unet": sd15_unet(device="meta"), "text_encoder": sd15_text_encoder(device="meta")})
+    if family == "sdxl":
+        return SimpleNamespace(components={"unet": sdxl_unet(device="meta"), "text_encoder": sd15_text_encoder(device="meta"),
+                                           "text_encoder_2": _bigg_text_encoder()})
+    return None
+
+
+def _bigg_text_encoder() -> nn.Module:
+    """SDXL's second text encoder (OpenCLIP ViT-bigG text tower) on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                            num_attention_heads=20, max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+    with init_empty_weights():
+        return CLIPTextModelWithProjection(config)
+
+
+def _model(model: Any):
+    if isinstance(model, str):
+        arch = architecture(model)
+        if arch is None:
+            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl); pass a pipeline or module")
+        return arch
+    return model
+
+
+def _to_ldm(target: Any, family: str):
+    """SDXL UNet flat names → the ldm names kohya's SDXL trainer writes (None for other families)."""
+    if family != "sdxl":
+        return None
+    unet = components(target).get("unet") if target is not None else None
+    if unet is None:
+        return sdxl_ldm
+    lpb = unet.config.layers_per_block
+    lpb = int(lpb[0] if isinstance(lpb, (list, tuple)) else lpb)
+    has_attn = lambda b: hasattr(unet.up_blocks[b], "attentions")  # noqa: E731
+    return lambda flat: diffusers_to_ldm(flat, layers_per_block=lpb, up_has_attention=has_attn)
+
+
+# -- items -------------------------------------------------------------------------------------------
+
+
+def _items_from_targets(targets: list[Target]) -> list[Item]:
+    return [Item(component=t.component, module=t.module_name, dotted=True, params=t.patch.params,
+                 kind=module_kind(t.module), shape=tuple(t.module.weight.shape)) for t in targets]
+
+
+def _items_from_spec(spec: AdapterSpec) -> list[Item]:
+    return [Item(component=p.component, module=p.module_key, dotted=p.dotted, params=p.params) for p in spec.patches]
+
+
+def _write(items: list[Item], dest: Path, *, to: str, family: str, dtype, metadata: dict[str, str], where: str,
+           single_file: bool | None, to_ldm=None) -> list[str]:
+    if not items:
+        raise DiffAdaptError(f"{where}: no modules left to write (all excluded?)")
+    if to == "kohya":
+        sd = kohya_state_dict(items, family=family, dtype=dtype, to_ldm=to_ldm, where=where)
+        meta = kohya_metadata(items, family=family, title=dest.stem, source=metadata)
+        write_safetensors(dest, sd, meta)
+        return [str(dest)]
+    single = dest.suffix == ".safetensors" if single_file is None else single_file
+    return write_peft(items, dest, single_file=single, dtype=dtype, metadata=metadata, where=where)
+
+
+def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None, exclude: Iterable[str] = (),
+            model: Any = None, single_file: bool | None = None, allow_pickle: bool = False,
+            overwrite: bool = False) -> list[str]:
+    """Convert an adapter file/folder to kohya (one ``.safetensors``) or PEFT (a folder per component, or one
+    ``.safetensors`` with the configs in its metadata when ``dest`` ends in ``.safetensors``).
+
+    ``exclude``: shell-style patterns of modules to drop (see :func:`excluded`). ``model``: a pipeline,
+    module or family name ('sd1', 'sdxl') to resolve kohya names for PEFT output; by default the file's
+    guessed family. Returns the paths written.
+    """
+    from .api import read_spec
+
+    path = _check_request(to, dest, overwrite)
+    dtype = parse_dtype(dtype)
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    if not all(isinstance(p, str) for p in patterns):
+        raise DiffAdaptError(f"exclude must be patterns (strings), got {patterns!r}")
+    if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().resolve() == path.resolve():
+        raise DiffAdaptError(f"{path}: source and destination are the same")
+    spec = read_spec(source, allow_pickle=allow_pickle)
+    kept = [p for p in spec.patches if not excluded(p, patterns)]
+    sub = AdapterSpec(patches=kept, fmt=spec.fmt, source=spec.source, metadata=spec.metadata, configs=spec.configs)
+    target = _model(model) if model is not None else None
+    family = pipeline_family(target) if target is not None else guess_family(spec)
+    if target is None and to == "peft" and any(not p.dotted for p in kept):
+        target = architecture(family)
+        if target is None:
+            raise DiffAdaptError(
+                f"{spec.source}: kohya module names cannot be turned into PEFT's dotted names without the model "
+                f"(base family guessed: {family}); pass model= (CLI: --model) a pipeline/module or 'sd1'/'sdxl'"
+            )
+    if target is not None and kept:
+        try:
+            items = _items_from_targets(resolve(target, sub, strict=True))
+        except (KeyMappingError, ShapeError) as e:
+            if model is not None:
+                raise
+            raise type(e)(f"{e} (names resolved against the built-in {family} architecture; pass model= / "
+                          "--model the model the file was made for)") from None
+    else:
+        items = _items_from_spec(sub)
+    return _write(items, path, to=to, family=family, dtype=dtype, metadata=spec.metadata, where=spec.source,
+                  single_file=single_file, to_ldm=_to_ldm(target, family))
+
+
+def save(target: Any, name: str, path: str | os.PathLike, *, format: str = "kohya", dtype: Any = None,
+         single_file: bool | None = None, overwrite: bool = False) -> list[str]:
+    """Write a loaded adapter (its tensors as loaded, strength 1) in kohya or PEFT format; returns the paths."""
+    dest = _check_request(format, path, overwrite)
+    dtype = parse_dtype(dtype)
+    loaded = registry(target).adapters.get(name)
+    if loaded is None:
+        raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(registry(target).adapters)})")
+    bare = isinstance(target, nn.Module)
+    family = guess_family(loaded.spec) if bare else pipeline_family(target)
+    return _write(_items_from_targets(loaded.targets), dest, to=format, family=family, dtype=dtype,
+                  metadata=loaded.spec.metadata, where=f"adapter '{name}'", single_file=single_file,
+                  to_ldm=None if bare else _to_ldm(target, family))
+

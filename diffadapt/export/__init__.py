@@ -1,0 +1,48 @@
+"""From the canonical spec back to files: kohya / LyCORIS single files and PEFT folders or files.
+
+Each target format has one small module with pure converters (``Params`` → that format's suffix tensors,
+dispatching on the Params type) and a writer. A converter raises ``UnsupportedError`` when the format cannot
+express a method exactly; it never approximates. ``peft.py`` is shared with the inject backend, which builds
+its tuner layers from the same per-module entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..methods.base import Params
+
+KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+
+
+@dataclass
+class Item:
+    """One module's adapter as an exporter sees it."""
+
+    component: str  # '' for a bare module, '*' when the file did not say
+    module: str  # dotted module path when ``dotted``, else the kohya flat name as written in the file
+    dotted: bool
+    params: Params
+    kind: str | None = None  # linear | conv1d | conv2d | conv3d, when the module is known
+    shape: tuple[int, ...] | None = None  # the module weight's shape, when known
+
+
+def module_kind(module: nn.Module) -> str | None:
+    for cls, kind in KINDS.items():
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+          "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating tensors to ``dtype`` (None keeps them); the result is a contiguous CPU tensor."""
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.detach().to("cpu").contiguous()
