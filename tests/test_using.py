@@ -10,7 +10,7 @@ import torch
 
 import diffadapt as da
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline
-from test_hotswap import assert_close, files, fresh, one_thread, pipe, weights_of  # noqa: F401 (fixtures)
+from test_hotswap import assert_close, files, fresh, pipe, weights_of  # noqa: F401 (fixtures)
 
 REQUESTS = {  # stack → the fresh stack it must equal (name, file, weight), given a=lora@1, b=te@0.8 loaded
     "weights": ({"a": 0.5}, [("a", "lora", 0.5)]),
