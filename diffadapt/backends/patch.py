@@ -46,30 +46,36 @@ class Slot:
     def compute(self, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) for the current stack, in the original dtype; originals when nothing applies.
 
-        ``out`` (a float32 buffer of the weight's shape, not the original) lets the common case — only
-        low-rank additive adapters — write its single ``addmm`` straight into the live weight.
+        ``out`` (a float32 buffer of the weight's shape, not the original) takes the first additive step
+        straight into the live weight: a single ``addmm`` for low-rank stacks, a fused ``addcmul`` for
+        LoHa/LoKr — one pass over W, no intermediate ΔW or copy.
         """
         live = [e for e in self.entries if e.strength != 0.0]
         if not live:
             return self.original, self.original_bias
         w0, shape = self.original, self.original.shape
-        w = w0 if w0.dtype == torch.float32 else w0.float()
-        owned = w is not w0
+        acc = None if w0.dtype == torch.float32 else w0.float()  # the running weight once we own one
+        dst = out if out is not None and out.dtype == torch.float32 and out.is_contiguous() else None
+
+        def source() -> torch.Tensor:
+            return w0 if acc is None else acc
+
+        def target() -> torch.Tensor | None:
+            return acc if acc is not None else dst
+
         factors = [(e, e.params.lowrank()) for e in live if e.params.is_additive]
         lowrank = [(e, f) for e, f in factors if f is not None]
         if lowrank:
-            u = torch.cat([f[0] * e.strength for e, f in lowrank], dim=1)
-            d = torch.cat([f[1] for _, f in lowrank], dim=0)
-            only = (len(lowrank) == len(live) and w is w0 and out is not None and out.dtype == torch.float32
-                    and out.is_contiguous())
-            w = torch.addmm(w.reshape(shape[0], -1), u, d, out=out.view(shape[0], -1) if only else None)
-            w = w.view(shape)
-            owned = True
+            u = lowrank[0][1][0] * lowrank[0][0].strength if len(lowrank) == 1 else torch.cat(
+                [f[0] * e.strength for e, f in lowrank], dim=1)
+            d = lowrank[0][1][1] if len(lowrank) == 1 else torch.cat([f[1] for _, f in lowrank], dim=0)
+            dest = target()
+            acc = torch.addmm(source().reshape(shape[0], -1), u, d,
+                              out=None if dest is None else dest.view(shape[0], -1)).view(shape)
         for e, f in factors:
             if f is None:
-                delta = e.params.delta(shape)
-                w = w.add_(delta, alpha=e.strength) if owned else w.add(delta, alpha=e.strength)
-                owned = True
+                acc = e.params.add_to(source(), e.strength, out=target())
+        w = source()
         for e in live:
             if not e.params.is_additive:
                 w = e.params.apply(w, e.strength)

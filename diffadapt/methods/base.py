@@ -87,9 +87,17 @@ class Params(abc.ABC):
         """(U, D) with ΔW.flatten(1) == U @ D, when the method is low-rank; lets backends stack adapters."""
         return None
 
+    def add_to(self, w: torch.Tensor, strength: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """w + strength·ΔW, written into ``out`` (which may be ``w`` itself) when given.
+
+        Methods override this to fuse the delta's last step with the add (one pass over W, no ΔW buffer).
+        """
+        delta = self.delta(w.shape)
+        return torch.add(w, delta, alpha=strength, out=out) if out is not None else w.add(delta, alpha=strength)
+
     def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
         """The adapted weight for strength ``weight``: identity at 0, exact at 1."""
-        return w + weight * self.delta(w.shape)
+        return self.add_to(w, weight)
 
 
 @dataclass(frozen=True)

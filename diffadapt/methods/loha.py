@@ -28,6 +28,17 @@ def hada_delta(
     return (w1a.flatten(1) @ w1b.flatten(1)) * (w2a.flatten(1) @ w2b.flatten(1)) * scale
 
 
+def hada_add(
+    w: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, value: float,
+    *, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """w + value·(w1a@w1b) ⊙ (w2a@w2b) in one fused pass over W (``addcmul``), no ΔW buffer."""
+    rows = w.shape[0]
+    dst = None if out is None else out.view(rows, -1)
+    a, b = w1a.flatten(1) @ w1b.flatten(1), w2a.flatten(1) @ w2b.flatten(1)
+    return torch.addcmul(w.reshape(rows, -1), a, b, value=value, out=dst).reshape(w.shape)
+
+
 def tucker_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     """(out, in, *k) from a Tucker core t (r, r', *k), wa (r, out), wb (r', in)."""
     return torch.einsum("ij...,jr,ip->pr...", t, wb, wa)
@@ -141,9 +152,14 @@ class LoHaParams(Params):
             d = hada_tucker_delta(self.t1, self.w1_a, self.w1_b, self.t2, self.w2_a, self.w2_b, self.scale)
         return reshape_to(d, shape)
 
+    def add_to(self, w: torch.Tensor, strength: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        if self.t1 is not None:
+            return super().add_to(w, strength, out=out)
+        return hada_add(w, self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.scale * strength, out=out)
+
     def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
         if self.magnitude is None:
-            return w + weight * self.delta(w.shape)
+            return self.add_to(w, weight)
         return dora_apply(w, self.delta(w.shape), self.magnitude, weight, on_out=self.dora_on_out, eps=self.dora_eps)
 
 

@@ -37,6 +37,19 @@ def lokr_tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Te
     return torch.einsum("ij...,ip,jr->pr...", t, wa, wb)
 
 
+def lokr_add(
+    w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, value: float, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """w + value·kron(w1, w2) in one fused pass: W viewed as (a, c, b, d·k) against broadcast factors.
+
+    W[i·c+j, k·d+l, …] = w1[i,k]·w2[j,l,…], so the Kronecker product never materialises.
+    """
+    (a, b), c = w1.shape, w2.shape[0]
+    dst = None if out is None else out.view(a, c, b, -1)
+    v = torch.addcmul(w.reshape(a, c, b, -1), w1.reshape(a, 1, b, 1), w2.reshape(1, c, 1, -1), value=value, out=dst)
+    return v.reshape(w.shape)
+
+
 def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float, *, peft_kron: bool = False) -> torch.Tensor:
     """s·kron(w1, w2) with w1 broadcast over w2's kernel dims.
 
@@ -147,9 +160,18 @@ class LoKrParams(Params):
             raise ShapeError(f"LoKr gives a delta of {d.numel()} values, module weight is {tuple(shape)}")
         return d.reshape(shape)  # the flat row-major layout is what both references reshape from
 
+    def add_to(self, w: torch.Tensor, strength: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        w2 = lokr_tucker(self.t2, self.w2_a, self.w2_b) if self.t2 is not None else lokr_factor(self.w2, self.w2_a, self.w2_b)
+        if self.peft_kron and w2.dim() == 3:  # peft's Conv1d layout is not the broadcast Kronecker product
+            return super().add_to(w, strength, out=out)
+        w1 = lokr_factor(self.w1, self.w1_a, self.w1_b)
+        if w1.shape[0] * w2.shape[0] != w.shape[0] or w1.shape[1] * w2[0].numel() != w[0].numel():
+            raise ShapeError(f"LoKr factors {tuple(w1.shape)} ⊗ {tuple(w2.shape)} do not fit a weight {tuple(w.shape)}")
+        return lokr_add(w, w1, w2, self.scale * strength, out=out)
+
     def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
         if self.magnitude is None:
-            return w + weight * self.delta(w.shape)
+            return self.add_to(w, weight)
         return dora_apply(w, self.delta(w.shape), self.magnitude, weight, on_out=self.dora_on_out, eps=self.dora_eps)
 
 
