@@ -38,11 +38,16 @@ class Source:
 
 
 def _delta(src: Source) -> torch.Tensor:
+    """The source's ΔW at its strength; only transforms need the base values (not just its shape)."""
+    if src.params.is_additive:
+        device = src.base.device if src.base.device.type != "meta" else None
+        return src.strength * src.params.to(device=device, dtype=torch.float32).delta(src.base.shape)
+    if src.base.device.type == "meta":
+        raise UnsupportedError(
+            f"merging a {type(src.params).__name__} (OFT / DoRA) needs the base model's weights; pass a real model"
+        )
     base = src.base.detach().float()
-    p = src.params.to(device=base.device, dtype=torch.float32)
-    if p.is_additive:
-        return src.strength * p.delta(base.shape)
-    return p.apply(base, src.strength) - base
+    return src.params.to(device=base.device, dtype=torch.float32).apply(base, src.strength) - base
 
 
 def _lora_from_matrix(delta: torch.Tensor, rank: int) -> tuple[LoRAParams, float]:
