@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from . import io
 from .errors import AdapterNotFoundError, DiffAdaptError, KeyMappingError, ShapeError
 from .export import DTYPES, Item, module_kind
 from .export.kohya import kohya_metadata, kohya_state_dict, sdxl_ldm
@@ -31,7 +32,7 @@ from .info import guess_family
 from .io import write_safetensors
 from .keys.kohya import diffusers_to_ldm
 from .pipeline import Target, components, pipeline_family, registry, resolve
-from .spec import AdapterSpec
+from .spec import AdapterSpec, RawAdapter
 
 FORMATS = ("kohya", "peft")
 
@@ -73,9 +74,11 @@ def architecture(family: str):
     from .testing import sd15_text_encoder, sd15_unet, sdxl_unet
 
     if family == "sd1":
-        return SimpleNamespace(components={"unet": sd15_unet(device="meta"), "text_encoder": sd15_text_encoder(device="meta")})
+        return SimpleNamespace(components={"unet": sd15_unet(device="meta"),
+                                           "text_encoder": sd15_text_encoder(device="meta")})
     if family == "sdxl":
-        return SimpleNamespace(components={"unet": sdxl_unet(device="meta"), "text_encoder": sd15_text_encoder(device="meta"),
+        return SimpleNamespace(components={"unet": sdxl_unet(device="meta"),
+                                           "text_encoder": sd15_text_encoder(device="meta"),  # CLIP ViT-L, as SD1.5
                                            "text_encoder_2": _bigg_text_encoder()})
     return None
 
@@ -95,7 +98,8 @@ def _model(model: Any):
     if isinstance(model, str):
         arch = architecture(model)
         if arch is None:
-            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl); pass a pipeline or module")
+            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl); "
+                                 "pass a pipeline or module")
         return arch
     return model
 
@@ -121,14 +125,36 @@ def _items_from_targets(targets: list[Target]) -> list[Item]:
                  kind=module_kind(t.module), shape=tuple(t.module.weight.shape)) for t in targets]
 
 
-def _items_from_spec(spec: AdapterSpec) -> list[Item]:
-    return [Item(component=p.component, module=p.module_key, dotted=p.dotted, params=p.params) for p in spec.patches]
+def _file_ndim(raw: RawAdapter | None, patch) -> int | None:
+    """A kohya module's weight rank, read off the file's own shaped tensors (LyCORIS writes rescale and
+    dora_scale as (out, 1, …)); params keep them flat, and a file written back must keep the shapes."""
+    if raw is None or patch.dotted:
+        return None
+    prefix = patch.original_key.split(".", 1)[0]
+    for suffix in ("rescale", "dora_scale", "lora_up.weight", "lokr_w2", "hada_t1"):
+        t = raw.tensors.get(f"{prefix}.{suffix}")
+        if t is not None and t.dim() >= 2:
+            return t.dim()
+    return None
+
+
+def _items_from_spec(spec: AdapterSpec, raw: RawAdapter | None = None) -> list[Item]:
+    return [Item(component=p.component, module=p.module_key, dotted=p.dotted, params=p.params,
+                 ndim=_file_ndim(raw, p)) for p in spec.patches]
 
 
 def _write(items: list[Item], dest: Path, *, to: str, family: str, dtype, metadata: dict[str, str], where: str,
            single_file: bool | None, to_ldm=None) -> list[str]:
     if not items:
         raise DiffAdaptError(f"{where}: no modules left to write (all excluded?)")
+    try:
+        return _write_format(items, dest, to=to, family=family, dtype=dtype, metadata=metadata, where=where,
+                             single_file=single_file, to_ldm=to_ldm)
+    except OSError as e:
+        raise DiffAdaptError(f"{dest}: cannot write: {e}") from e
+
+
+def _write_format(items, dest, *, to, family, dtype, metadata, where, single_file, to_ldm) -> list[str]:
     if to == "kohya":
         sd = kohya_state_dict(items, family=family, dtype=dtype, to_ldm=to_ldm, where=where)
         meta = kohya_metadata(items, family=family, title=dest.stem, source=metadata)
@@ -148,7 +174,7 @@ def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None,
     module or family name ('sd1', 'sdxl') to resolve kohya names for PEFT output; by default the file's
     guessed family. Returns the paths written.
     """
-    from .api import read_spec
+    from .api import read_spec  # api imports this module lazily
 
     path = _check_request(to, dest, overwrite)
     dtype = parse_dtype(dtype)
@@ -157,7 +183,8 @@ def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None,
         raise DiffAdaptError(f"exclude must be patterns (strings), got {patterns!r}")
     if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().resolve() == path.resolve():
         raise DiffAdaptError(f"{path}: source and destination are the same")
-    spec = read_spec(source, allow_pickle=allow_pickle)
+    raw = None if isinstance(source, AdapterSpec) else io.read(source, allow_pickle=allow_pickle)
+    spec = read_spec(raw if raw is not None else source)
     kept = [p for p in spec.patches if not excluded(p, patterns)]
     sub = AdapterSpec(patches=kept, fmt=spec.fmt, source=spec.source, metadata=spec.metadata, configs=spec.configs)
     target = _model(model) if model is not None else None
@@ -178,7 +205,7 @@ def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None,
             raise type(e)(f"{e} (names resolved against the built-in {family} architecture; pass model= / "
                           "--model the model the file was made for)") from None
     else:
-        items = _items_from_spec(sub)
+        items = _items_from_spec(sub, raw)
     return _write(items, path, to=to, family=family, dtype=dtype, metadata=spec.metadata, where=spec.source,
                   single_file=single_file, to_ldm=_to_ldm(target, family))
 

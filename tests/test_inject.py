@@ -89,8 +89,11 @@ LYCORIS = {
 }
 
 
-@pytest.mark.parametrize("component", list(RUN))
-@pytest.mark.parametrize("case", list(LYCORIS))
+# the text encoder has Linear layers only: Tucker and conv layouts are UNet cases
+CASES = [(c, "unet") for c in LYCORIS] + [(c, "text_encoder") for c in ("lora", "dora", "loha", "lokr")]
+
+
+@pytest.mark.parametrize("case, component", CASES)
 def test_lycoris_file_inject_equals_patch_and_reference(pipe, case, component):
     run, module = RUN[component], getattr(pipe, component)
     hashes = param_hashes(pipe)
@@ -153,6 +156,67 @@ def test_peft_folder_inject_equals_patch_and_peft(pipe, case, tmp_path):
     assert (injected - expected).abs().max().item() <= TOL
     da.unload(pipe)
     check_clean(pipe, hashes)
+
+
+def test_mixed_ranks_and_alphas_per_module_become_patterns(pipe):
+    attn, _ = lyco(pipe, "unet", target_modules=["Transformer2DModel"], target_names=[], rank=4, alpha=2)
+    res, _ = lyco(pipe, "unet", seed=1, target_modules=["ResnetBlock2D"], target_names=["conv_in"], rank=8, alpha=8)
+    sd = {**attn, **res}
+    da.load(pipe, sd, "p")
+    patched = unet_out(pipe.unet)
+    da.unload(pipe)
+    da.load(pipe, sd, "i", mode="inject")
+    config = pipe.unet.peft_config["i"]
+    assert set(config.rank_pattern.values()) | {config.r} == {4, 8} and config.alpha_pattern
+    assert (unet_out(pipe.unet) - patched).abs().max().item() <= TOL
+    da.unload(pipe)
+
+
+# -- a bare module with Linear, Conv1d and Conv2d layers ---------------------------------------------
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.c1 = torch.nn.Linear(16, 24), torch.nn.Conv1d(8, 16, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 16, 3, padding=1)
+
+    def forward(self, x1, x2, x3):
+        return self.lin(x1), self.c1(x2), self.c2(x3)
+
+
+def net_out(net):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return torch.cat([y.flatten() for y in net(torch.randn(2, 16, generator=g), torch.randn(2, 8, 10, generator=g),
+                                                    torch.randn(2, 8, 6, 6, generator=g))])
+
+
+BARE = {
+    "lora": dict(algo="lora"),
+    "locon-tucker": dict(algo="lora", use_tucker=True),
+    "loha-tucker": dict(algo="loha", use_tucker=True),
+    "lokr-decomposed": dict(algo="lokr", factor=2, rank=1),
+    "lokr-tucker-r1": dict(algo="lokr", use_tucker=True, rank=1),  # peft's rank-1 Conv1d Tucker fails: rewritten
+    "lokr-conv1d-whole-w2": dict(algo="lokr"),  # refused: peft's make_kron differs for a 3-D w2
+}
+
+
+@pytest.mark.parametrize("case", list(BARE))
+def test_bare_module_with_conv1d(case):
+    torch.manual_seed(0)
+    net = Net()
+    hashes = param_hashes(net)
+    sd, ref = lycoris_file(net, prefix="lycoris", target_modules=[], target_names=["lin", "c1", "c2"], std=0.2,
+                           **BARE[case])
+    if case == "lokr-conv1d-whole-w2":
+        with pytest.raises(da.UnsupportedError, match="c1: a whole LoKr w2 on a Conv1d"):
+            da.load(net, sd, "x", mode="inject")
+    else:
+        da.load(net, sd, "x", mode="inject")
+        assert (net_out(net) - net_out(ref)).abs().max().item() <= TOL
+        da.unload(net)
+    assert param_hashes(net) == hashes and not any(peft_layers.is_layer(m) for m in net.modules())
 
 
 # -- strength ---------------------------------------------------------------------------------------
@@ -318,7 +382,11 @@ def test_orders_peft_would_compose_differently_are_refused(pipe, tmp_path):
 def test_failure_half_way_changes_nothing(pipe, tmp_path, monkeypatch):
     base_lora, _ = lyco(pipe, "unet", seed=1)
     da.load(pipe, base_lora, "kept", mode="inject")
-    before = param_hashes(pipe), [(n, type(m).__name__) for n, m in pipe.unet.named_modules()], dict(pipe.unet.peft_config)
+    def state():
+        return param_hashes(pipe), [(n, type(m).__name__) for n, m in pipe.unet.named_modules()], \
+            dict(pipe.unet.peft_config)
+
+    before = state()
     out = unet_out(pipe.unet)
     sd = {**lyco(pipe, "unet", seed=2, algo="lokr", std=0.2)[0], **lyco(pipe, "text_encoder", seed=3)[0]}
     calls = {"n": 0}
@@ -334,8 +402,7 @@ def test_failure_half_way_changes_nothing(pipe, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         da.load(pipe, sd, "new", mode="inject")
     monkeypatch.undo()
-    after = param_hashes(pipe), [(n, type(m).__name__) for n, m in pipe.unet.named_modules()], dict(pipe.unet.peft_config)
-    assert after == before and list(da.adapters(pipe)) == ["kept"] and not hasattr(pipe.text_encoder, "peft_config")
+    assert state() == before and list(da.adapters(pipe)) == ["kept"] and not hasattr(pipe.text_encoder, "peft_config")
     assert torch.equal(unet_out(pipe.unet), out)
     da.unload(pipe)
 
@@ -359,7 +426,8 @@ def test_get_peft_model_state_dict_round_trips_through_peft(pipe):
 
 def test_fuse_unfuse_switch_modes_without_drift(pipe, tmp_path):
     hashes = param_hashes(pipe)
-    a, b, c = lyco(pipe, "unet", seed=1)[0], lyco(pipe, "unet", seed=2, algo="loha", std=0.3)[0], lyco(pipe, "text_encoder", seed=3)[0]
+    a, b = lyco(pipe, "unet", seed=1)[0], lyco(pipe, "unet", seed=2, algo="loha", std=0.3)[0]
+    c = lyco(pipe, "text_encoder", seed=3)[0]
     da.load(pipe, a, "a", mode="inject", weight=0.7)
     da.load(pipe, b, "b", mode="inject")
     da.load(pipe, c, "c")  # patch mode: not touched by fuse / unfuse

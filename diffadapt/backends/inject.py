@@ -169,10 +169,10 @@ def apply(loaded) -> None:
                     setattr(s.parent, s.attr, layer)
                 done.append(s)
             configs[(id(root), name)] = (root, make_config(group))
-        for root, config_key in {(r, k[1]) for k, (r, _) in configs.items()}:
+        for (_, name), (root, config) in configs.items():  # peft's state-dict functions read it
             if not isinstance(getattr(root, "peft_config", None), dict):
                 root.peft_config = {}
-            root.peft_config[config_key] = configs[(id(root), config_key)][1]
+            root.peft_config[name] = config
         for s in sites:
             _remember(s)
             pl.set_strength(s, s.strength)
@@ -182,12 +182,16 @@ def apply(loaded) -> None:
     except BaseException:
         _undo(done, configs, foreign)
         raise
+    for s in sites:
+        s.extra.pop("top", None)
     loaded.extra[KEY] = State(sites=sites, configs=configs)
 
 
 def _copied(entry: PeftEntry) -> PeftEntry:
-    """Tensors peft will own (assigned, not copied, by low_cpu_mem_usage loading): the spec stays as loaded."""
-    tensors = {k: v.detach().to(torch.float32).clone() for k, v in entry.tensors.items()}
+    """Tensors peft will own (assigned, not copied, by low_cpu_mem_usage loading): the spec stays as loaded.
+    Contiguous: peft's make_kron fails on some strided factors (in-memory state dicts can hold views)."""
+    tensors = {k: v.detach().to(dtype=torch.float32, memory_format=torch.contiguous_format, copy=True)
+               for k, v in entry.tensors.items()}
     return PeftEntry(entry.peft_type, tensors, entry.values, entry.shared)
 
 
@@ -279,7 +283,8 @@ def refresh(loaded_list, *, inplace: bool = True) -> None:
             todo.append((s, loaded.strength(s.component, s.module_name)))
     for s, w in todo:  # check first: a refused weight changes nothing
         if s.peft_type == "OFT" and s.extra.get("coft") and abs(w) > 1:
-            raise UnsupportedError(f"{s.where}: COFT cannot hold weight {w} (|w| > 1) in peft's layer; use mode='patch'")
+            raise UnsupportedError(f"{s.where}: COFT cannot hold weight {w} (|w| > 1) in peft's layer; "
+                                   "use mode='patch'")
     layers = {}
     for s, w in todo:
         s.strength = w

@@ -162,10 +162,6 @@ def forget(layer: nn.Module, adapter: str) -> None:
         d.pop(adapter, None)
 
 
-def managed(layer: nn.Module) -> dict[str, float]:
-    return dict(_STRENGTH.get(layer, {}))
-
-
 def is_empty(layer: nn.Module) -> bool:
     return not layer._get_available_adapters() and not adapter_names(layer)
 

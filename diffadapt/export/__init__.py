@@ -28,6 +28,11 @@ class Item:
     params: Params
     kind: str | None = None  # linear | conv1d | conv2d | conv3d, when the module is known
     shape: tuple[int, ...] | None = None  # the module weight's shape, when known
+    ndim: int | None = None  # the weight's rank when only the file tells (its rescale / dora_scale tensors)
+
+    @property
+    def weight_ndim(self) -> int | None:
+        return len(self.shape) if self.shape is not None else self.ndim
 
 
 def module_kind(module: nn.Module) -> str | None:

@@ -194,8 +194,7 @@ def kohya_state_dict(items: list[Item], *, family: str, dtype: torch.dtype | Non
     out: dict[str, torch.Tensor] = {}
     for it in items:
         key = kohya_key(it, family=family, bare_prefix=bare or "lycoris_", to_ldm=to_ldm)
-        ndim = len(it.shape) if it.shape is not None else None
-        for suffix, t in kohya_tensors(it.params, ndim=ndim, where=f"{where}: {key}").items():
+        for suffix, t in kohya_tensors(it.params, ndim=it.weight_ndim, where=f"{where}: {key}").items():
             full = f"{key}.{suffix}"
             if full in out:
                 raise UnsupportedError(f"{where}: two modules map to the kohya key '{full}'")

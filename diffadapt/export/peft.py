@@ -151,8 +151,10 @@ def _lokr(p: LoKrParams, kind, shape, where, inject) -> PeftEntry:
         raise _fail(where, "a whole LoKr w2 on a Conv1d: peft's make_kron lays a 3-D w2 out differently from "
                            "LyCORIS, so the same tensors give another ΔW")
     big_kernel = any(x != 1 for x in kernel)
+    # peft's rank-1 Conv1d Tucker LoKr fails in torch.kron; the same w2 as a plain (c, r) @ (r, d·k) pair
+    untucker = p.tucker and not w2_full and kind == "conv1d" and r == 1
     if not w2_full and big_kernel:
-        shared["use_effective_conv2d"] = (p.tucker,)
+        shared["use_effective_conv2d"] = (p.tucker and not untucker,)
     elif p.tucker and not w2_full:
         raise _fail(where, "LoKr Tucker core on a 1×1 kernel; peft keeps Tucker only for larger kernels")
     tensors: dict[str, torch.Tensor] = {}
@@ -168,6 +170,9 @@ def _lokr(p: LoKrParams, kind, shape, where, inject) -> PeftEntry:
         else:
             w2 = (p.w2_a @ p.w2_b.flatten(1)).reshape(c, d, *kernel)
         tensors["lokr_w2"] = w2
+    elif untucker:  # w2[p, d, k] = Σ_i w2_a[i, p] · (Σ_j t2[i, j, k] w2_b[j, d])
+        core = p.t2.reshape(*p.t2.shape[:2], -1)
+        tensors.update(lokr_w2_a=p.w2_a.t(), lokr_w2_b=torch.einsum("ijk,jd->idk", core, p.w2_b).flatten(1))
     else:
         tensors.update(lokr_w2_a=p.w2_a, lokr_w2_b=p.w2_b)
         if p.t2 is not None:
