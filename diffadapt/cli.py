@@ -1,5 +1,5 @@
 """Command line: ``diffadapt inspect FILE…``, ``diffadapt convert SRC DEST --to kohya|peft``,
-``diffadapt generate --prompt … --adapter FILE:W``."""
+``diffadapt generate --prompt … --adapter FILE:W``, ``diffadapt merge A:W B:W --out M``."""
 
 from __future__ import annotations
 
@@ -166,6 +166,30 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- merge
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge_files
+
+    sources: dict[str, float] = {}
+    for item in args.sources:
+        path, sep, weight = item.rpartition(":")
+        try:
+            sources[path if sep else item] = float(weight) if sep else 1.0
+        except ValueError:
+            sources[item] = 1.0  # a ':' inside the path itself
+    model = args.model
+    if model is not None and model not in ("sd1", "sdxl"):
+        model = _load_model(model, "cpu")[0]
+    paths, error = merge_files(sources, args.out, method=args.method, rank=args.rank, density=args.density,
+                               seed=args.seed, to=args.to, dtype=args.dtype, model=model, overwrite=args.force)
+    for path in paths:
+        print(path)
+    print(f"relative approximation error: {error:.4g}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffadapt", description="Load, inspect and convert diffusion adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (runs pickle)")
     p.add_argument("--force", action="store_true", help="replace DEST if it exists")
     p.set_defaults(func=_convert)
+    p = sub.add_parser("merge", help="merge adapter files (any methods) into one LoRA file")
+    p.add_argument("sources", nargs="+", metavar="FILE[:W]", help="adapter files with weights (default 1)")
+    p.add_argument("--out", required=True, help="the merged file (kohya) or folder/.safetensors (peft)")
+    p.add_argument("--method", default="svd", choices=["cat", "svd", "linear", "ties", "dare"])
+    p.add_argument("--rank", type=int, help="target rank for svd/ties/dare (default: the sources' ranks added up)")
+    p.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction of values kept")
+    p.add_argument("--seed", type=int, default=0, help="dare's random pruning seed")
+    p.add_argument("--to", default="kohya", choices=["kohya", "peft"])
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--model", help="sd1 | sdxl | diffusers folder (default: the first file's guessed family)")
+    p.add_argument("--force", action="store_true", help="replace the output if it exists")
+    p.set_defaults(func=_merge)
     return parser
 
 

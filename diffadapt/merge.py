@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -221,3 +222,55 @@ def merge(
             if disable_sources:
                 mixing.enable(target, *weights)
             raise
+
+
+def merge_files(
+    sources: dict[str, Any],
+    dest: Any,
+    *,
+    method: str = "svd",
+    rank: int | None = None,
+    density: float = 0.5,
+    seed: int = 0,
+    to: str = "kohya",
+    dtype: Any = None,
+    model: Any = None,
+    overwrite: bool = False,
+) -> tuple[list[str], float]:
+    """Merge adapter files ``{path: weight}`` into one LoRA file without loading a pipeline.
+
+    Module names are resolved against ``model`` (a pipeline, module, or 'sd1'/'sdxl'), by default the
+    first file's guessed family built on the meta device (shapes only) — enough for every additive
+    method; OFT/DoRA need a real model (their delta depends on the base weights). Returns (paths, error).
+    """
+    from types import SimpleNamespace
+
+    from .api import read_spec
+    from .conversion import _model, architecture, convert
+    from .info import guess_family
+    from .pipeline import resolve
+    from .weights import validate
+
+    if not sources:
+        raise DiffAdaptError("merge: no source files")
+    specs = {str(p): read_spec(p) for p in sources}
+    target = _model(model) if model is not None else None
+    if target is None:
+        family = guess_family(next(iter(specs.values())))
+        target = architecture(family)
+        if target is None:
+            raise DiffAdaptError(f"merge: the files look made for {family}; pass model= (CLI: --model)")
+    loaded = [SimpleNamespace(name=p, targets=resolve(target, spec)) for p, spec in specs.items()]
+    weights = {str(p): validate(w, where=f"merge weight of {p}") for p, w in sources.items()}
+    merged, error, worst = merge_modules(collect(loaded, weights), method=method, rank=rank, density=density,
+                                         seed=seed)
+    if not merged:
+        raise DiffAdaptError("nothing to merge: every weight is 0")
+    metadata = {
+        "diffadapt_merge_method": method,
+        "diffadapt_merge_sources": ", ".join(f"{Path(p).name}:{w}" for p, w in sources.items()),
+        "diffadapt_merge_rel_error": f"{error:.6g}",
+        "diffadapt_merge_worst_module_error": f"{worst:.6g}",
+    }
+    spec = to_spec(merged, source="merge", metadata=metadata)
+    return convert(spec, dest, to=to, dtype=dtype, model=target, overwrite=overwrite), error
