@@ -10,7 +10,7 @@ alpha 8, every attention/resnet/sampler layer):
   adapters (target: = base), inject mode with the 3 adapters when that backend is present (target ≤ 1.10×),
   and diffusers with the 3 LoRAs unfused, for reference.
 
-Run: ``python bench/mix.py [--repeats N] [--quick]``.
+Run: ``python bench/mix.py [--repeats N] [--quick] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = 1 if args.quick else args.repeats
     common.quiet()
     torch.manual_seed(0)
@@ -116,6 +119,7 @@ def main() -> None:
     print(f"max |Δ| between diffadapt's and diffusers' fused weights: {err:.2e}")
     print()
     print(common.fmt_table(step_rows, ["step time", "base (s)", "with adapters (s)", "ratio", "target"]))
+    print(f"torch threads: {torch.get_num_threads()}")
 
 
 if __name__ == "__main__":
