@@ -15,7 +15,7 @@ import torch
 
 from ..errors import FormatError, ShapeError
 from .base import MethodDef, ParseContext, Params, expect_fit, require, reshape_to, scalar
-from .lora import dora_apply
+from .lora import DoRA
 
 
 # -- pure math ---------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def dora_on_out(magnitude: torch.Tensor, out_features: int) -> bool:
 
 
 @dataclass
-class LoHaParams(Params):
+class LoHaParams(DoRA, Params):
     w1_a: torch.Tensor  # (out, r) — (r, out) with Tucker
     w1_b: torch.Tensor  # (r, in·k) — (r, in) with Tucker
     w2_a: torch.Tensor
@@ -119,10 +119,6 @@ class LoHaParams(Params):
     def out_features(self) -> int:
         return int(self.w1_a.shape[1] if self.tucker else self.w1_a.shape[0])
 
-    @property
-    def is_additive(self) -> bool:
-        return self.magnitude is None
-
     def _in_numel(self) -> int:
         if self.t1 is None:
             return self.w1_b[0].numel()
@@ -136,14 +132,7 @@ class LoHaParams(Params):
                 f"{where}: LoHa Tucker core {tuple(self.t1.shape)} with w1_b {tuple(self.w1_b.shape)} gives "
                 f"(in={self.w1_b.shape[1]}, kernel={self.kernel_size}); module weight is {tuple(shape)}"
             )
-        if self.magnitude is not None:
-            n = shape[0] if self.dora_on_out else shape[1]
-            if self.magnitude.numel() != n:
-                axis = "out" if self.dora_on_out else "in"
-                raise ShapeError(
-                    f"{where}: DoRA magnitude has {self.magnitude.numel()} values, the module weight "
-                    f"{tuple(shape)} has {n} on its {axis} axis"
-                )
+        self.check_magnitude(shape, where=where)
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
         if self.t1 is None:
@@ -157,10 +146,6 @@ class LoHaParams(Params):
             return super().add_to(w, strength, out=out)
         return hada_add(w, self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.scale * strength, out=out)
 
-    def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
-        if self.magnitude is None:
-            return self.add_to(w, weight)
-        return dora_apply(w, self.delta(w.shape), self.magnitude, weight, on_out=self.dora_on_out, eps=self.dora_eps)
 
 
 def _validate(t: dict[str, torch.Tensor], where: str) -> None:

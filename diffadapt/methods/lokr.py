@@ -19,7 +19,7 @@ import torch
 from ..errors import FormatError, ShapeError
 from .base import MethodDef, ParseContext, Params, expect_fit, scalar
 from .loha import dora_on_out, kernel_of, peft_tensors
-from .lora import dora_apply
+from .lora import DoRA
 
 
 # -- pure math ---------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: float, *, peft_kron: b
 
 
 @dataclass
-class LoKrParams(Params):
+class LoKrParams(DoRA, Params):
     w1: torch.Tensor | None = None  # (a, b) — or w1_a (a, r) @ w1_b (r, b)
     w1_a: torch.Tensor | None = None
     w1_b: torch.Tensor | None = None
@@ -127,10 +127,6 @@ class LoKrParams(Params):
         k = self.t2.shape[2:] if self.t2 is not None else self.w2.shape[2:] if self.w2 is not None else ()
         return kernel_of(k) or None
 
-    @property
-    def is_additive(self) -> bool:
-        return self.magnitude is None
-
     def _in_numel(self) -> int:
         (_, b), (_, d) = self.kron_shapes
         if self.t2 is not None:
@@ -144,13 +140,7 @@ class LoKrParams(Params):
         expect_fit(a * c, self._in_numel(), shape, where=where, what=what)
         if self.kernel_size is not None and (b * d != shape[1] or self.kernel_size != kernel_of(shape[2:])):
             raise ShapeError(f"{where}: {what} gives in={b * d}, kernel {self.kernel_size}; module weight is {tuple(shape)}")
-        if self.magnitude is not None:
-            n = shape[0] if self.dora_on_out else shape[1]
-            if self.magnitude.numel() != n:
-                raise ShapeError(
-                    f"{where}: DoRA magnitude has {self.magnitude.numel()} values, the module weight "
-                    f"{tuple(shape)} has {n} on its {'out' if self.dora_on_out else 'in'} axis"
-                )
+        self.check_magnitude(shape, where=where)
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
         w1 = lokr_factor(self.w1, self.w1_a, self.w1_b)
@@ -169,10 +159,6 @@ class LoKrParams(Params):
             raise ShapeError(f"LoKr factors {tuple(w1.shape)} ⊗ {tuple(w2.shape)} do not fit a weight {tuple(w.shape)}")
         return lokr_add(w, w1, w2, self.scale * strength, out=out)
 
-    def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
-        if self.magnitude is None:
-            return self.add_to(w, weight)
-        return dora_apply(w, self.delta(w.shape), self.magnitude, weight, on_out=self.dora_on_out, eps=self.dora_eps)
 
 
 def _pair(t: dict[str, torch.Tensor], n: str, where: str, shapes: str) -> tuple:

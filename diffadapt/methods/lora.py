@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import FormatError
+from ..errors import FormatError, ShapeError
 from .base import MethodDef, ParseContext, Params, expect_fit, require, reshape_to, scalar
 
 
@@ -64,11 +64,35 @@ def _mag_shape(m: torch.Tensor, w: torch.Tensor, on_out: bool) -> tuple[int, ...
     return (1, w.shape[1]) + (1,) * (w.dim() - 2)
 
 
+class DoRA:
+    """DoRA on top of an additive method (LoRA; LyCORIS "DoHa"/"DoKr"). The dataclass using it declares
+    ``magnitude`` (None: plain method), ``dora_on_out`` and ``dora_eps``."""
+
+    @property
+    def is_additive(self) -> bool:
+        return self.magnitude is None
+
+    def check_magnitude(self, shape: torch.Size, *, where: str) -> None:
+        if self.magnitude is None:
+            return
+        n = shape[0] if self.dora_on_out else shape[1]
+        if self.magnitude.numel() != n:
+            raise ShapeError(
+                f"{where}: DoRA magnitude has {self.magnitude.numel()} values, the module weight "
+                f"{tuple(shape)} has {n} on its {'out' if self.dora_on_out else 'in'} axis"
+            )
+
+    def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
+        if self.magnitude is None:
+            return self.add_to(w, weight)
+        return dora_apply(w, self.delta(w.shape), self.magnitude, weight, on_out=self.dora_on_out, eps=self.dora_eps)
+
+
 # -- params ------------------------------------------------------------------------------------------
 
 
 @dataclass
-class LoRAParams(Params):
+class LoRAParams(DoRA, Params):
     down: torch.Tensor  # (r, in[, *k]) — or (r, in, 1, 1) with Tucker
     up: torch.Tensor  # (out, r[, 1, 1])
     mid: torch.Tensor | None = None  # (r, r, *k): Tucker LoCon
@@ -91,10 +115,6 @@ class LoRAParams(Params):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    @property
-    def is_additive(self) -> bool:
-        return self.magnitude is None
-
     def _in_numel(self) -> int:
         if self.mid is None:
             return self.down[0].numel()
@@ -102,13 +122,7 @@ class LoRAParams(Params):
 
     def check(self, shape: torch.Size, *, where: str) -> None:
         expect_fit(self.up.shape[0], self._in_numel(), shape, where=where, what=f"LoRA (rank {self.rank})")
-        if self.magnitude is not None:
-            n = shape[0] if self.dora_on_out else shape[1]
-            if self.magnitude.numel() != n:
-                axis = "out" if self.dora_on_out else "in"
-                raise FormatError(
-                    f"{where}: DoRA magnitude has {self.magnitude.numel()} values, the module's {axis} axis has {n}"
-                )
+        self.check_magnitude(shape, where=where)
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
         return reshape_to(lora_delta(self.up, self.down, self.mid, self.scale), shape)
@@ -118,10 +132,6 @@ class LoRAParams(Params):
             return None
         return lora_factors(self.up, self.down, self.scale)
 
-    def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
-        if self.magnitude is None:
-            return w + weight * self.delta(w.shape)
-        return dora_apply(w, self.delta(w.shape), self.magnitude, weight, on_out=self.dora_on_out, eps=self.dora_eps)
 
 
 def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> LoRAParams:
