@@ -150,3 +150,22 @@ def expect_fit(out_features: int, in_numel: int, shape: torch.Size, *, where: st
             f"{where}: {what} of shape (out={out_features}, in={in_numel}) does not fit the module weight "
             f"{tuple(shape)} (out={w_out}, in={w_in})"
         )
+
+
+def config_value(cfg: dict[str, Any], name: str, kind: type, *, where: str, default: Any = ..., why: str = "") -> Any:
+    """A typed field of a PEFT config (JSON or safetensors-metadata strings); FormatError names the field."""
+    if cfg.get(name) is None:
+        if default is ...:
+            raise FormatError(f"{where}: the adapter config has no '{name}'{why}")
+        return default
+    value = cfg[name]
+    try:
+        if kind is bool and isinstance(value, str):
+            if value.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.strip().lower() in ("true", "1")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise FormatError(f"{where}: config field '{name}' = {value!r} is not a {kind.__name__}") from None

@@ -24,7 +24,7 @@ import torch
 from packaging.version import InvalidVersion, Version
 
 from ..errors import FormatError, ShapeError, UnsupportedError
-from .base import MethodDef, ParseContext, Params, require, scalar
+from .base import MethodDef, ParseContext, Params, config_value, require, scalar
 
 # -- LyCORIS math ------------------------------------------------------------------------------------
 
@@ -235,22 +235,6 @@ def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> OFTParams:
     return OFTParams(blocks=blocks, constraint=constraint, rescale=rescale)
 
 
-def _option(cfg: dict[str, Any], name: str, kind: type, *, where: str, default: Any = ...) -> Any:
-    if name not in cfg or cfg[name] is None:
-        if default is ...:
-            raise FormatError(f"{where}: the adapter config has no '{name}'")
-        return default
-    value = cfg[name]
-    try:
-        if kind is bool and isinstance(value, str):
-            if value.strip().lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return value.strip().lower() in ("true", "1")
-        return kind(value)
-    except (TypeError, ValueError):
-        raise FormatError(f"{where}: config field '{name}' = {value!r} is not a {kind.__name__}") from None
-
-
 def _older_than(version: Any, target: str) -> bool:
     """peft's own test: a config without ``peft_version`` predates 0.18, which added the field."""
     try:
@@ -275,7 +259,7 @@ def parse_peft(t: dict[str, torch.Tensor], ctx: ParseContext) -> PeftOFTParams:
     b = (1 + math.isqrt(1 + 8 * vec.shape[1])) // 2
     if b * (b - 1) // 2 != vec.shape[1]:
         raise FormatError(f"{where}: 'oft_R.weight' rows have {vec.shape[1]} values, not b(b-1)/2 for any b")
-    neumann = _option(cfg, "use_cayley_neumann", bool, where=where)
+    neumann = config_value(cfg, "use_cayley_neumann", bool, where=where)
     legacy = neumann and _older_than(cfg.get("peft_version"), "0.18")
     if legacy:
         warnings.warn("Cayley-Neumann OFT from peft < 0.18 (no or old 'peft_version'): using that version's series")
@@ -283,11 +267,11 @@ def parse_peft(t: dict[str, torch.Tensor], ctx: ParseContext) -> PeftOFTParams:
         vec=vec,
         block_size=b,
         use_cayley_neumann=neumann,
-        num_cayley_neumann_terms=_option(cfg, "num_cayley_neumann_terms", int, where=where, default=5),
+        num_cayley_neumann_terms=config_value(cfg, "num_cayley_neumann_terms", int, where=where, default=5),
         neumann_legacy=legacy,
-        block_share=_option(cfg, "block_share", bool, where=where, default=False),
-        coft=_option(cfg, "coft", bool, where=where, default=False),
-        eps=_option(cfg, "eps", float, where=where, default=6e-5),
+        block_share=config_value(cfg, "block_share", bool, where=where, default=False),
+        coft=config_value(cfg, "coft", bool, where=where, default=False),
+        eps=config_value(cfg, "eps", float, where=where, default=6e-5),
     )
 
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import FormatError, ShapeError, UnsupportedError
-from .base import MethodDef, ParseContext, Params, require
+from .base import MethodDef, ParseContext, Params, config_value, require
 
 
 def _wavelets():
@@ -92,20 +92,7 @@ class WaveFTParams(Params):
         return (w.float() + weight * self.delta(w.shape)).to(w.dtype)
 
 
-def _field(cfg: dict[str, Any], name: str, kind: type, where: str) -> Any:
-    if cfg.get(name) is None:
-        raise FormatError(f"{where}: WaveFT config has no '{name}' (needed to place and scale the coefficients)")
-    value = cfg[name]
-    try:
-        if kind is bool and isinstance(value, str):
-            if value.strip().lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            return value.strip().lower() in ("true", "1")
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return kind(value)
-    except (TypeError, ValueError):
-        raise FormatError(f"{where}: WaveFT config field '{name}' = {value!r} is not a {kind.__name__}") from None
+_WHY = " (needed to place and scale the coefficients)"
 
 
 def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> WaveFTParams:
@@ -122,10 +109,10 @@ def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> WaveFTParams:
         )
     params = WaveFTParams(
         spectrum=spectrum,
-        scaling=_field(cfg, "scaling", float, ctx.where),
-        wavelet_family=_field(cfg, "wavelet_family", str, ctx.where),
-        use_idwt=_field(cfg, "use_idwt", bool, ctx.where),
-        random_loc_seed=_field(cfg, "random_loc_seed", int, ctx.where),
+        scaling=config_value(cfg, "scaling", float, where=ctx.where, why=_WHY),
+        wavelet_family=config_value(cfg, "wavelet_family", str, where=ctx.where, why=_WHY),
+        use_idwt=config_value(cfg, "use_idwt", bool, where=ctx.where, why=_WHY),
+        random_loc_seed=config_value(cfg, "random_loc_seed", int, where=ctx.where, why=_WHY),
     )
     if params.use_idwt and params.wavelet_family not in _wavelets()[0]:
         raise FormatError(f"{ctx.where}: unknown WaveFT wavelet_family {params.wavelet_family!r}")
