@@ -7,6 +7,8 @@ A → B and B → A:
 
 * diffadapt: ``da.hotswap(pipe, "x", path)`` (patch mode: the fused weights are rewritten in place);
 * diffadapt: ``da.unload(pipe, "x")`` + ``da.load(pipe, path, "x")``;
+* diffadapt: ``da.hotswap`` of the same files loaded with ``mode="inject"`` after ``da.prepare_hotswap(pipe,
+  max_rank=16)`` (unfused peft layers: the factors are copied into zero-padded rank-16 parameters);
 * diffusers: ``pipe.load_lora_weights(path, adapter_name="x", hotswap=True)`` after
   ``pipe.enable_lora_hotswap(target_rank=16)`` (its LoRA stays unfused: only the small factors are copied).
 
@@ -35,7 +37,7 @@ from diffadapt.backends import patch
 from diffadapt.pipeline import registry
 
 FILES = {"a": dict(algo="lora", rank=16, alpha=8, seed=0), "b": dict(algo="lora", rank=8, alpha=4, seed=1)}
-TARGETS = {"vs diffusers hotswap": 1.0, "vs unload + load": 0.1}
+TARGETS = {"vs diffusers hotswap": 1.0, "vs unload + load": 0.1, "inject vs diffusers hotswap": 1.0}
 CHECKED = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.proj_in",
            "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2"]
 
@@ -118,6 +120,12 @@ def main() -> None:
         delta_fresh = max((pipe.unet.get_submodule(n).weight - w).abs().max().item() for n, w in swapped.items())
         da.unload(pipe)
 
+        da.load(pipe, paths["a"], "x", mode="inject")
+        da.prepare_hotswap(pipe, max_rank=16)
+        inject = swap_rounds({"inject": lambda p: da.hotswap(pipe, "x", p)}, paths)["inject"]
+        da.unload(pipe)
+        print(f"  diffadapt inject-mode hotswap done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
         pipe.enable_lora_hotswap(target_rank=16)
         pipe.load_lora_weights(paths["a"], adapter_name="x")
         ref = swap_rounds({"diffusers": lambda p: pipe.load_lora_weights(p, adapter_name="x", hotswap=True)},
@@ -128,12 +136,15 @@ def main() -> None:
         steps = step_rounds(pipe) if ARGS.step else None
         pipe.unload_lora_weights()
 
-    ratios = {"vs diffusers hotswap": ours / ref, "vs unload + load": ours / ours_reload}
+    ratios = {"vs diffusers hotswap": ours / ref, "vs unload + load": ours / ours_reload,
+              "inject vs diffusers hotswap": inject / ref}
     rows = [["diffadapt hotswap (fused, in place)", f"{ours:.3f}", "-", "-"],
             ["diffadapt unload + load", f"{ours_reload:.3f}", f"{ratios['vs unload + load']:.3f}",
              f"<= {TARGETS['vs unload + load']}"],
             ["diffusers load_lora_weights(hotswap=True)", f"{ref:.3f}", f"{ratios['vs diffusers hotswap']:.3f}",
-             f"<= {TARGETS['vs diffusers hotswap']}"]]
+             f"<= {TARGETS['vs diffusers hotswap']}"],
+            ["diffadapt hotswap (inject, prepared; ÷ diffusers)", f"{inject:.3f}",
+             f"{ratios['inject vs diffusers hotswap']:.3f}", f"<= {TARGETS['inject vs diffusers hotswap']}"]]
     print(common.fmt_table(rows, ["case", "seconds / swap", "diffadapt hotswap ÷ this", "target"]))
     print(f"LoRA files {sizes['a']:.1f} MB (rank 16) and {sizes['b']:.1f} MB (rank 8); diffadapt rewrites "
           f"{len(touched)} fused weights per swap ({nbytes / 1e9:.2f} GB); a plain copy of them takes {floor:.3f} s "

@@ -2,7 +2,7 @@
 
 from .api import adapters, inspect, load, unload
 from .api import convert, fuse, save, unfuse
-from .hotswap import hotswap, using
+from .hotswap import hotswap, prepare_hotswap, using
 from .merge import merge
 from .mixing import disable, enable, get_weights, set_weights
 from .errors import (
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "save", "convert", "fuse", "unfuse",
     "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "get_weights", "enable", "disable", "merge",
-    "hotswap", "using",
+    "hotswap", "prepare_hotswap", "using",
     "DiffAdaptError", "SourceError", "FormatError", "PickleRefusedError", "KeyMappingError", "ShapeError",
     "NonFiniteError", "UnsupportedError", "AdapterNotFoundError",
 ]

@@ -260,6 +260,7 @@ def _splice(s: Site, layer: nn.Module) -> None:
 def remove(loaded) -> None:
     """Delete the adapter from every layer; emptied layers give their place back to the original module."""
     state: State | None = loaded.extra.pop(KEY, None)
+    loaded.extra.pop("inject_hotswap", None)  # the padded layers go with it
     if state is None:
         return
     for s in reversed(state.sites):
@@ -300,3 +301,10 @@ def peft_names(loaded) -> list[tuple[str, str]]:
     if state is None:
         return []
     return list(dict.fromkeys((s.component, s.peft_name) for s in state.sites))
+
+
+def hotswap(loaded, targets) -> None:
+    """In-place swap for adapters prepared with ``prepare_hotswap`` (see ``inject_hotswap``)."""
+    from .inject_hotswap import hotswap as swap
+
+    swap(loaded, targets)

@@ -148,8 +148,16 @@ def activate(layer: nn.Module, foreign_active: list[str] | None = None) -> None:
     """
     managed = _STRENGTH.get(layer, {})
     foreign = set(layer.active_adapters if foreign_active is None else foreign_active)
-    names = [n for n in adapter_names(layer) if (managed[n] != 0.0 if n in managed else n in foreign)]
+    names = [n for n in adapter_names(layer)
+             if ((managed[n] != 0.0 or _tensor_scaling(layer, n)) if n in managed else n in foreign)]
     layer._active_adapter = names[::-1] if is_oft(layer) else names
+
+
+def _tensor_scaling(layer: nn.Module, adapter: str) -> bool:
+    """Prepared for compiled hotswap (``inject_hotswap``): strength is a value in a 0-dim tensor, and the
+    adapter stays active at 0, since leaving the active list would change a compiled graph."""
+    scaling = getattr(layer, "scaling", None)
+    return isinstance(scaling, dict) and isinstance(scaling.get(adapter), torch.Tensor)
 
 
 def record(layer: nn.Module, adapter: str, strength: float) -> None:
@@ -174,6 +182,9 @@ def set_strength(site, s: float) -> None:
     """Make the layer compute W + s·Δ (or the method's strength rule) for this adapter: exact, in place."""
     layer, n = site.layer, site.peft_name
     record(layer, n, s)
+    if _tensor_scaling(layer, n):
+        layer.scaling[n].fill_(site.base_scaling * s)
+        return
     if s == 0.0:
         return  # inactive: the layer skips it (see activate)
     if site.peft_type == "OFT":
