@@ -441,3 +441,17 @@ def test_fuse_unfuse_switch_modes_without_drift(pipe, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip((unet_out(pipe.unet), te_out(pipe.text_encoder)), injected))
     da.unload(pipe)
     check_clean(pipe, hashes)
+
+
+def test_patch_transform_over_injected_adapter_is_refused():
+    """OFT loaded in patch mode onto a module holding an injected LoRA would rotate only the base weight."""
+    pipe = tiny_sd1_pipeline()
+    lora, _ = lycoris_file(pipe.unet, algo="lora", prefix="lora_unet", target_modules=["Transformer2DModel"])
+    oft, _ = lycoris_file(pipe.unet, algo="diag-oft", block_size=4, prefix="lora_unet",
+                          target_modules=["Transformer2DModel"], seed=1)
+    da.load(pipe, lora, "l", mode="inject")
+    hashes = param_hashes(pipe)
+    with pytest.raises(da.UnsupportedError, match="inject"):
+        da.load(pipe, oft, "o")
+    assert param_hashes(pipe) == hashes and list(da.adapters(pipe)) == ["l"]
+    da.unload(pipe)

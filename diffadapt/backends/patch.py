@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import UnsupportedError
 from ..methods.base import Params
 
 
@@ -165,8 +166,24 @@ def _take_off(module: nn.Module, name: str, *, park: bool = False) -> None:
 NAME = "patch"
 
 
+def _check_order(targets) -> None:
+    """A transform (OFT, DoRA) must act on the sum of every additive adapter. Injected adapters sit in peft
+    layers *outside* the patched weight, so a patched transform would rotate only part of that sum."""
+    for t in targets:
+        if t.patch.params.is_additive or t.root is None:
+            continue
+        wrapper = t.root.get_submodule(t.module_name)
+        if wrapper is not t.module:
+            raise UnsupportedError(
+                f"{t.patch.original_key}: a {t.patch.method} transform loaded in patch mode onto "
+                f"{t.component + '.' if t.component else ''}{t.module_name}, which already holds inject-mode "
+                "adapters, would leave them out of the rotation; load it with mode='inject', or fuse first"
+            )
+
+
 def apply(loaded) -> None:
     """Patch every target of ``loaded``; on any failure the modules already patched are rolled back."""
+    _check_order(loaded.targets)
     done: list[nn.Module] = []
     try:
         for t in loaded.targets:
