@@ -1,5 +1,5 @@
 """Command line: ``diffadapt inspect FILE…``, ``diffadapt convert SRC DEST --to kohya|peft``,
-``diffadapt generate --prompt … --adapter FILE:W``, ``diffadapt merge A:W B:W --out M``."""
+``diffadapt generate --prompt … --adapter FILE:W``, ``diffadapt merge A:W B:W --out M``, ``diffadapt studio``."""
 
 from __future__ import annotations
 
@@ -190,6 +190,21 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- studio
+
+
+def _studio(argv: list[str]) -> int:
+    """Run ``ui/studio.py`` of the source checkout; the Gradio app is not part of the installed package."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "ui" / "studio.py").is_file():
+        raise SourceError(f"the studio is run from a source checkout (no ui/studio.py under {root})")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from ui.studio import main as studio_main
+
+    return studio_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffadapt", description="Load, inspect and convert diffusion adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,12 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="sd1 | sdxl | diffusers folder (default: the first file's guessed family)")
     p.add_argument("--force", action="store_true", help="replace the output if it exists")
     p.set_defaults(func=_merge)
+    sub.add_parser("studio", add_help=False,
+                   help="Gradio studio to stack adapter styles (diffadapt studio --help for its options)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["studio"]:  # its own options, parsed by ui/studio.py
+            return _studio(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except DiffAdaptError as e:
         print(f"diffadapt: error: {e}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""The diffadapt studio (Gradio app); run ``python ui/studio.py`` or ``diffadapt studio``."""
