@@ -111,3 +111,19 @@ def peft_file(
     randomize_(((n, p) for n, p in ref.named_parameters() if ".default" in n), seed=seed, std=std)
     sd = {k: v.detach().clone() for k, v in get_peft_model_state_dict(ref, adapter_name="default").items()}
     return sd, ref
+
+
+KOHYA_PREFIXES = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te",
+                  "text_encoder_2": "lora_te2"}
+
+
+def pipeline_file(
+    pipe: Any, *, components: tuple[str, ...] = ("unet", "text_encoder"), seed: int = 0,
+    prefixes: dict[str, str] | None = None, **kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """One kohya-named LyCORIS file over several components of a pipeline (a different seed per component)."""
+    names = {**KOHYA_PREFIXES, **(prefixes or {})}
+    sd: dict[str, torch.Tensor] = {}
+    for i, comp in enumerate(components):
+        sd.update(lycoris_file(getattr(pipe, comp), prefix=names[comp], seed=seed + i, **kwargs)[0])
+    return sd

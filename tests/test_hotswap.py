@@ -11,22 +11,22 @@ from safetensors.torch import save_file
 import diffadapt as da
 from diffadapt import backends
 from diffadapt.backends import patch
-from diffadapt.fixtures import lycoris_file
+from diffadapt.fixtures import pipeline_file
 from diffadapt.pipeline import registry
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline
 
 ATTN, RESNETS = dict(target_modules=["Transformer2DModel"], target_names=[]), dict(target_modules=["ResnetBlock2D"])
 FILES = {  # name: (lycoris_network kwargs, components)
-    "lora": (dict(algo="lora", rank=4, alpha=2), ("unet", "te")),
-    "lora8": (dict(algo="lora", rank=8, alpha=1), ("unet", "te")),
-    "loha": (dict(algo="loha", std=0.3), ("unet", "te")),
-    "lokr": (dict(algo="lokr", std=0.2), ("unet", "te")),
-    "oft": (dict(algo="diag-oft", block_size=4), ("unet", "te")),
-    "full": (dict(algo="full", std=0.01), ("unet", "te")),
+    "lora": (dict(algo="lora", rank=4, alpha=2), ("unet", "text_encoder")),
+    "lora8": (dict(algo="lora", rank=8, alpha=1), ("unet", "text_encoder")),
+    "loha": (dict(algo="loha", std=0.3), ("unet", "text_encoder")),
+    "lokr": (dict(algo="lokr", std=0.2), ("unet", "text_encoder")),
+    "oft": (dict(algo="diag-oft", block_size=4), ("unet", "text_encoder")),
+    "full": (dict(algo="full", std=0.01), ("unet", "text_encoder")),
     "dora": (dict(algo="lora", weight_decompose=True), ("unet",)),
     "attn": (dict(algo="lora", **ATTN), ("unet",)),
     "resnets": (dict(algo="loha", std=0.3, **RESNETS), ("unet",)),
-    "te": (dict(algo="lokr", std=0.2), ("te",)),
+    "te": (dict(algo="lokr", std=0.2), ("text_encoder",)),
     "rotate": (dict(algo="diag-oft", block_size=4, **ATTN), ("unet",)),
 }
 TOL = 1e-6
@@ -39,13 +39,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def files(pipe):
-    out = {}
-    for i, (name, (kw, comps)) in enumerate(FILES.items()):
-        out[name] = {}
-        for comp in comps:
-            module, prefix = (pipe.unet, "lora_unet") if comp == "unet" else (pipe.text_encoder, "lora_te")
-            out[name].update(lycoris_file(module, prefix=prefix, seed=10 * i + len(comp), **kw)[0])
-    return out
+    return {name: pipeline_file(pipe, components=comps, seed=10 * i, **kw)
+            for i, (name, (kw, comps)) in enumerate(FILES.items())}
 
 
 def weights_of(pipe) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 
 import diffadapt as da
 from diffadapt.backends import peft_layers
-from diffadapt.fixtures import lycoris_file
+from diffadapt.fixtures import pipeline_file
 from diffadapt.pipeline import registry
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline
 
@@ -22,13 +22,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor"
 
 ATTN = dict(target_modules=["Transformer2DModel"], target_names=[])
 FILES = {  # name: (lycoris_network kwargs, components)
-    "a": (dict(algo="lora", rank=4, alpha=2), ("unet", "te")),
-    "b": (dict(algo="lora", rank=8, alpha=1), ("unet", "te")),
-    "c": (dict(algo="lora", rank=2, alpha=3), ("unet", "te")),
+    "a": (dict(algo="lora", rank=4, alpha=2), ("unet", "text_encoder")),
+    "b": (dict(algo="lora", rank=8, alpha=1), ("unet", "text_encoder")),
+    "c": (dict(algo="lora", rank=2, alpha=3), ("unet", "text_encoder")),
     "r16": (dict(algo="lora", rank=16, alpha=4), ("unet",)),
     "attn": (dict(algo="lora", rank=6, alpha=5, **ATTN), ("unet",)),
-    "loha": (dict(algo="loha", rank=4, alpha=2, std=0.3), ("unet", "te")),
-    "loha2": (dict(algo="loha", rank=2, alpha=1, std=0.3), ("unet", "te")),
+    "loha": (dict(algo="loha", rank=4, alpha=2, std=0.3), ("unet", "text_encoder")),
+    "loha2": (dict(algo="loha", rank=2, alpha=1, std=0.3), ("unet", "text_encoder")),
     "lokr": (dict(algo="lokr", std=0.2), ("unet",)),
     "dora": (dict(algo="lora", weight_decompose=True), ("unet",)),
 }
@@ -50,12 +50,8 @@ def ref():
 
 @pytest.fixture(scope="module")
 def files(pipe):
-    out = {}
-    for i, (name, (kw, comps)) in enumerate(FILES.items()):
-        out[name] = {}
-        for comp in comps:
-            module, prefix = (pipe.unet, "lora_unet") if comp == "unet" else (pipe.text_encoder, "lora_te")
-            out[name].update(lycoris_file(module, prefix=prefix, seed=10 * i + len(comp), **kw)[0])
+    out = {name: pipeline_file(pipe, components=comps, seed=10 * i, **kw)
+           for i, (name, (kw, comps)) in enumerate(FILES.items())}
     # mixed per-module ranks (8 and 2) and alphas: every other module from "b", the rest from "c"
     modules = sorted({k.split(".")[0] for k in out["b"]})
     pick = {m: ("b" if i % 2 else "c") for i, m in enumerate(modules)}

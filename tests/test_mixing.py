@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import diffadapt as da
-from diffadapt.fixtures import lycoris_file
+from diffadapt.fixtures import pipeline_file
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline
 from diffadapt.weights import WeightError, block_of
 
@@ -23,12 +23,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def files(pipe):
-    out = {}
-    for i, (name, kw) in enumerate(ALGOS.items()):
-        unet, _ = lycoris_file(pipe.unet, prefix="lora_unet", seed=i, **kw)
-        te, _ = lycoris_file(pipe.text_encoder, prefix="lora_te", seed=i + 100, **kw)
-        out[name] = {**unet, **te}
-    return out
+    return {name: pipeline_file(pipe, seed=10 * i, **kw) for i, (name, kw) in enumerate(ALGOS.items())}
 
 
 def weights_of(pipe):

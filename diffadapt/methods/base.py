@@ -100,6 +100,18 @@ class Params(abc.ABC):
         return self.add_to(w, weight)
 
 
+class AlphaOverRank:
+    """kohya's rule for methods that store ``alpha_value`` and a ``rank``: scale = alpha / r, alpha = r if absent."""
+
+    @property
+    def alpha(self) -> float:
+        return float(self.rank) if self.alpha_value is None else self.alpha_value
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass(frozen=True)
 class MethodDef:
     """A registry entry: which key suffixes a method owns and how to parse them."""

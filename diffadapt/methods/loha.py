@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import FormatError, ShapeError
-from .base import MethodDef, ParseContext, Params, expect_fit, require, reshape_to, scalar
+from .base import AlphaOverRank, MethodDef, ParseContext, Params, expect_fit, require, reshape_to, scalar
 from .lora import DoRA
 
 
@@ -80,7 +80,7 @@ def dora_on_out(magnitude: torch.Tensor, out_features: int) -> bool:
 
 
 @dataclass
-class LoHaParams(DoRA, Params):
+class LoHaParams(DoRA, AlphaOverRank, Params):
     w1_a: torch.Tensor  # (out, r) — (r, out) with Tucker
     w1_b: torch.Tensor  # (r, in·k) — (r, in) with Tucker
     w2_a: torch.Tensor
@@ -97,14 +97,6 @@ class LoHaParams(DoRA, Params):
     @property
     def rank(self) -> int:
         return int(self.w1_b.shape[0])
-
-    @property
-    def alpha(self) -> float:
-        return float(self.rank) if self.alpha_value is None else self.alpha_value
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     @property
     def tucker(self) -> bool:

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import FormatError, ShapeError
-from .base import MethodDef, ParseContext, Params, expect_fit, require, reshape_to, scalar
+from .base import AlphaOverRank, MethodDef, ParseContext, Params, expect_fit, require, reshape_to, scalar
 
 
 # -- pure math ---------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ class DoRA:
 
 
 @dataclass
-class LoRAParams(DoRA, Params):
+class LoRAParams(DoRA, AlphaOverRank, Params):
     down: torch.Tensor  # (r, in[, *k]) — or (r, in, 1, 1) with Tucker
     up: torch.Tensor  # (out, r[, 1, 1])
     mid: torch.Tensor | None = None  # (r, r, *k): Tucker LoCon
@@ -106,14 +106,6 @@ class LoRAParams(DoRA, Params):
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
-
-    @property
-    def alpha(self) -> float:
-        return float(self.rank) if self.alpha_value is None else self.alpha_value
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
 
     def _in_numel(self) -> int:
         if self.mid is None:
