@@ -14,6 +14,7 @@ from torch import nn
 from . import weights
 from .errors import FormatError, KeyMappingError, ShapeError
 from .info import guess_family
+from .backends.peft_layers import unwrap
 from .keys import ANY, ModuleIndex
 from .spec import COMPONENTS, AdapterInfo, AdapterSpec, ModulePatch
 
@@ -55,13 +56,6 @@ class Target:
     module_name: str
     module: nn.Module  # the original module, under any peft wrappers inject mode put around it
     root: nn.Module | None = None  # the component the module sits in
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The module under peft tuner-layer wrappers (each keeps the original as ``base_layer``)."""
-    while hasattr(module, "base_layer") and hasattr(module, "active_adapters"):
-        module = module.base_layer
-    return module
 
 
 def _candidates(component: str, comps: dict[str, nn.Module]) -> list[str]:
