@@ -1,7 +1,8 @@
 """diffadapt: load, mix and hot-swap any diffusion adapter in diffusers pipelines."""
 
 from .api import adapters, inspect, load, unload
-from .api import convert, fuse, save, unfuse
+from .conversion import convert, save
+from .fusing import fuse, unfuse
 from .hotswap import hotswap, prepare_hotswap, using
 from .merge import merge
 from .mixing import disable, enable, get_weights, set_weights

@@ -12,8 +12,9 @@ from .info import summarize
 from .keys import build_spec
 from .mixing import component_counts
 from .pipeline import Loaded, registry, resolve
-from .weights import validate as validate_weight
 from .spec import AdapterInfo, AdapterSpec
+from .weights import validate as validate_weight
+
 
 def read_spec(source: Any, *, allow_pickle: bool = False) -> AdapterSpec:
     """Read and parse a source into the canonical spec (no model needed)."""
@@ -91,33 +92,3 @@ def adapters(target: Any) -> dict[str, AdapterInfo]:
         out[n] = loaded.info
     return out
 
-
-def save(target: Any, name: str, path: Any, *, format: str = "kohya", dtype: Any = None,
-         single_file: bool | None = None, overwrite: bool = False) -> list[str]:
-    """Write a loaded adapter as a kohya/LyCORIS file or in PEFT format; returns the paths written."""
-    from .conversion import save as _save
-
-    return _save(target, name, path, format=format, dtype=dtype, single_file=single_file, overwrite=overwrite)
-
-
-def convert(source: Any, dest: Any, *, to: str, dtype: Any = None, exclude: Any = (), model: Any = None,
-            single_file: bool | None = None, allow_pickle: bool = False, overwrite: bool = False) -> list[str]:
-    """Convert an adapter file/folder to kohya or PEFT format without loading it into a model."""
-    from .conversion import convert as _convert
-
-    return _convert(source, dest, to=to, dtype=dtype, exclude=exclude, model=model, single_file=single_file,
-                    allow_pickle=allow_pickle, overwrite=overwrite)
-
-
-def fuse(target: Any, *names: str) -> list[str]:
-    """Move inject-mode adapters (all when none named) into the weights (patch mode)."""
-    from .fusing import fuse as _fuse
-
-    return _fuse(target, *names)
-
-
-def unfuse(target: Any, *names: str) -> list[str]:
-    """Move fused adapters back into peft layers (inject mode); the base weights come back bit-exactly."""
-    from .fusing import unfuse as _unfuse
-
-    return _unfuse(target, *names)

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import api
+from . import api, conversion
 from .errors import DiffAdaptError, SourceError
 
 
@@ -160,7 +160,7 @@ def _convert(args: argparse.Namespace) -> int:
     model = args.model
     if model is not None and model not in ("sd1", "sdxl"):
         model = _load_model(model, "cpu")[0]  # a diffusers folder / hub id / single file: its module names
-    for path in api.convert(args.source, args.dest, to=args.to, dtype=args.dtype, exclude=args.exclude,
+    for path in conversion.convert(args.source, args.dest, to=args.to, dtype=args.dtype, exclude=args.exclude,
                             model=model, allow_pickle=args.allow_pickle, overwrite=args.force):
         print(path)
     return 0

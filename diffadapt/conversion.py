@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import io
+from .api import read_spec
 from .errors import AdapterNotFoundError, DiffAdaptError, KeyMappingError, ShapeError
 from .export import DTYPES, Item, module_kind
 from .export.kohya import kohya_metadata, kohya_state_dict, sdxl_ldm
@@ -174,8 +175,6 @@ def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None,
     module or family name ('sd1', 'sdxl') to resolve kohya names for PEFT output; by default the file's
     guessed family. Returns the paths written.
     """
-    from .api import read_spec  # api imports this module lazily
-
     path = _check_request(to, dest, overwrite)
     dtype = parse_dtype(dtype)
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)

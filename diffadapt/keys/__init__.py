@@ -18,7 +18,7 @@ from .index import ModuleIndex
 
 ANY = "*"  # a component not named by the file: whichever one the module resolves in
 
-__all__ = ["ANY", "ModuleIndex", "split", "build_spec"]
+__all__ = ["ANY", "ModuleIndex", "build_spec", "configs_of", "split"]
 
 
 def _suffix(key: str) -> str | None:
@@ -45,11 +45,16 @@ def classify(module: str) -> tuple[str, str, bool, str]:
     return component, module, True, "diffusers"
 
 
-def split(raw: RawAdapter) -> list[ModuleGroup]:
-    """Group a file's tensors by module, each with its suffixes and (PEFT) resolved config."""
+def configs_of(raw: RawAdapter) -> dict[str, dict]:
+    """The PEFT configs a source carries, by component: from its metadata, then its config files, validated."""
     configs = peft.configs_from_metadata(raw.metadata, where=raw.source)
     for comp, cfg in raw.configs.items():
         configs[comp] = peft.check_config(cfg, where=f"{raw.source} ({comp or 'adapter'} config)")
+    return configs
+
+
+def split(raw: RawAdapter, configs: dict[str, dict]) -> list[ModuleGroup]:
+    """Group a file's tensors by module, each with its suffixes and (PEFT) resolved config."""
     groups: dict[tuple[str, str], ModuleGroup] = {}
     for key, tensor in raw.tensors.items():
         k = rewrite_legacy(key)
@@ -78,7 +83,8 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
     if not raw.tensors:
         raise FormatError(f"{raw.source}: no tensors")
     patches = []
-    for g in split(raw):
+    configs = configs_of(raw)
+    for g in split(raw, configs):
         suffix0, key0 = next(iter(g.keys.items()))
         # the module part of the key as written in the file (legacy diffusers keys are shown whole)
         first_key = key0[: -len(suffix0) - 1] if key0.endswith("." + suffix0) else key0
@@ -99,5 +105,4 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
         )
     fmts = Counter(p.fmt for p in patches)
     fmt = fmts.most_common(1)[0][0]
-    configs = peft.configs_from_metadata(raw.metadata, where=raw.source) | dict(raw.configs)
     return AdapterSpec(patches=patches, fmt=fmt, source=raw.source, metadata=raw.metadata, configs=configs)
