@@ -21,7 +21,7 @@ from .api import load, read_spec, unload
 from .backends.inject_hotswap import prepare_hotswap  # noqa: F401  (inject mode: pad before compiling)
 from .errors import AdapterNotFoundError, UnsupportedError
 from .info import summarize
-from .mixing import _refresh, component_counts
+from .mixing import refresh, component_counts
 from .pipeline import Loaded, Target, registry, resolve
 from .spec import AdapterInfo, AdapterSpec
 from .weights import validate as validate_weight
@@ -140,7 +140,7 @@ def _apply(target: Any, stack: dict[str, Any], undo: _Undo, *, exclusive: bool, 
             _swap(loaded, spec, targets)
             undo.swapped.append(old)
             swapped.add(name)
-    _refresh([a for a in changed if a.name not in swapped])
+    refresh([a for a in changed if a.name not in swapped])
 
 
 def _restore(target: Any, undo: _Undo) -> None:
@@ -157,7 +157,7 @@ def _restore(target: Any, undo: _Undo) -> None:
         if live.get(loaded.name) is loaded:
             _swap(loaded, spec, targets)
             swapped.add(loaded.name)
-    _refresh([live[n] for n in undo.state if n in live and n not in swapped])
+    refresh([live[n] for n in undo.state if n in live and n not in swapped])
 
 
 @contextlib.contextmanager

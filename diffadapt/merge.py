@@ -196,7 +196,7 @@ def merge(
 
     reg = registry(target)
     with reg.lock:
-        loaded = mixing._lookup(target, list(weights))
+        loaded = mixing.lookup(target, list(weights))
         if name in reg.adapters:
             raise DiffAdaptError(f"an adapter named '{name}' is already loaded")
         counts = mixing.component_counts(target)

@@ -18,7 +18,8 @@ def component_counts(target: Any) -> dict[str, dict[str, int]]:
     return {name: block_counts(dict(m.named_modules())) for name, m in components(target).items()}
 
 
-def _lookup(target: Any, names: Iterable[str]) -> list[Loaded]:
+def lookup(target: Any, names: Iterable[str]) -> list[Loaded]:
+    """The loaded adapters of those names; AdapterNotFoundError names every missing one."""
     reg = registry(target)
     missing = [n for n in names if n not in reg.adapters]
     if missing:
@@ -26,7 +27,8 @@ def _lookup(target: Any, names: Iterable[str]) -> list[Loaded]:
     return [reg.adapters[n] for n in names]
 
 
-def _refresh(changed: list[Loaded]) -> None:
+def refresh(changed: list[Loaded]) -> None:
+    """Rewrite the modules of adapters whose weight or state changed, one backend call per mode."""
     by_mode: dict[str, list[Loaded]] = {}
     for loaded in changed:
         by_mode.setdefault(loaded.mode, []).append(loaded)
@@ -38,12 +40,12 @@ def set_weights(target: Any, weights: dict[str, Any]) -> None:
     """Set the weight of each named adapter (see ``diffadapt.weights`` for the accepted forms)."""
     reg = registry(target)
     with reg.lock:
-        loaded = _lookup(target, list(weights))
+        loaded = lookup(target, list(weights))
         counts = component_counts(target)
         checked = {n: validate(w, where=f"weight of '{n}'", counts=counts) for n, w in weights.items()}
         for item in loaded:
             item.weight = checked[item.name]
-        _refresh(loaded)
+        refresh(loaded)
 
 
 def get_weights(target: Any) -> dict[str, Any]:
@@ -53,11 +55,11 @@ def get_weights(target: Any) -> dict[str, Any]:
 def _set_enabled(target: Any, names: tuple[str, ...], value: bool) -> None:
     reg = registry(target)
     with reg.lock:
-        loaded = _lookup(target, names or list(reg.adapters))
+        loaded = lookup(target, names or list(reg.adapters))
         changed = [a for a in loaded if a.enabled != value]
         for a in changed:
             a.enabled = value
-        _refresh(changed)
+        refresh(changed)
 
 
 def enable(target: Any, *names: str) -> None:
