@@ -1,6 +1,7 @@
 """diffadapt: load, mix and hot-swap any diffusion adapter in diffusers pipelines."""
 
 from .api import adapters, inspect, load, unload
+from .backups import configure, release
 from .conversion import convert, save
 from .fusing import fuse, unfuse
 from .hotswap import hotswap, prepare_hotswap, using
@@ -24,7 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "save", "convert", "fuse", "unfuse",
     "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "get_weights", "enable", "disable", "merge",
-    "hotswap", "prepare_hotswap", "using",
+    "hotswap", "prepare_hotswap", "using", "configure", "release",
     "DiffAdaptError", "SourceError", "FormatError", "PickleRefusedError", "KeyMappingError", "ShapeError",
     "NonFiniteError", "UnsupportedError", "AdapterNotFoundError",
 ]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backends, io
+from .backups import check_backup
 from .errors import AdapterNotFoundError, DiffAdaptError
 from .info import summarize
 from .keys import build_spec
@@ -51,19 +52,25 @@ def load(
     mode: str = "patch",
     allow_pickle: bool = False,
     strict: bool = True,
+    backup: str | None = None,
 ) -> AdapterInfo:
-    """Load an adapter into a pipeline or module; returns its summary. A failed load changes nothing."""
+    """Load an adapter into a pipeline or module; returns its summary. A failed load changes nothing.
+
+    ``backup`` (patch mode): where the originals of modules patched for the first time are kept — "host",
+    "device" or "none" (no unload); default from :func:`diffadapt.configure`, else "host".
+    """
     backend = backends.get(mode)
     reg = registry(target)
     with reg.lock:
         if name is not None and name in reg.adapters:
             raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
         weight = validate_weight(weight, where="weight", counts=component_counts(target))
+        extra = {} if backup is None else {"backup": check_backup(backup)}
         spec = read_spec(source, allow_pickle=allow_pickle)
         targets = resolve(target, spec, strict=strict)
         name = name or _default_name(source, reg.adapters)
         info = summarize(spec, name=name)
-        loaded = Loaded(name=name, spec=spec, info=info, targets=targets, mode=mode, weight=weight)
+        loaded = Loaded(name=name, spec=spec, info=info, targets=targets, mode=mode, weight=weight, extra=extra)
         backend.apply(loaded)
         reg.adapters[name] = loaded
         info.weight, info.mode = weight, mode
