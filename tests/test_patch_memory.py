@@ -120,6 +120,27 @@ def test_release_keeps_what_loaded_adapters_need_and_release_on_unload_frees_the
         da.configure(pipe, release_on_unload=False)
 
 
+@pytest.mark.parametrize("edit", ["through .data", "load_state_dict", "to(float16)"])
+def test_weights_changed_while_backups_idle_become_the_new_originals(pipe, unet_file, edit):
+    """A kept backup must not bring back weights the user replaced after the last unload."""
+    unet = copy.deepcopy(pipe.unet)
+    da.load(unet, unet_file, "x")
+    da.unload(unet)  # idle backups kept
+    with torch.no_grad():
+        if edit == "through .data":
+            for p in unet.parameters():
+                p.data.mul_(1.01)
+        elif edit == "load_state_dict":
+            unet.load_state_dict({k: v * 0.99 for k, v in unet.state_dict().items()})
+        else:
+            unet.to(torch.float16)
+    edited = param_hashes(unet)
+    da.load(unet, unet_file, "x")
+    assert param_hashes(unet) != edited
+    da.unload(unet)
+    assert param_hashes(unet) == edited
+
+
 @pytest.mark.parametrize("how", ["load(backup='none')", "configure(backup='none')", "release(bake=True)"])
 def test_no_backup_fuses_for_good_and_refuses_to_undo(pipe, unet_file, files, how):
     unet = copy.deepcopy(pipe.unet)

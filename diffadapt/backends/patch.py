@@ -63,6 +63,7 @@ class Slot:
     where: str = "host"
     copies: SideCopies | None = field(default=None, repr=False)  # the pending copy of W0 into ``backup``
     rounding: float = 0.0  # relative error of the last write into float8 storage
+    stamp: tuple | None = field(default=None, repr=False)  # the clean weight as last seen (see ``_stamp``)
     w0: torch.Tensor | None = field(default=None, repr=False)  # W0 as compute reads it during a write
     b0: torch.Tensor | None = field(default=None, repr=False)
 
@@ -149,9 +150,11 @@ class Slot:
         if not active and self.clean:
             return
         live, live_bias = self.module.weight.data, _bias(self.module)
+        if self.clean and not _unchanged(self.stamp, _stamp(self.module)):
+            self._rebase()
         if any(e.params.bias_delta() is not None for e in self.entries):
             self._back_up_bias()
-        was_clean, self.clean = self.clean, False  # from here on the live values may change
+        was_clean, self.clean, self.stamp = self.clean, False, None  # from here on the live values may change
         self.w0 = live if was_clean else _on(self.backup, live)
         self.b0 = None if self.backup_bias is None else live_bias if was_clean else _on(self.backup_bias, live_bias)
         try:
@@ -163,6 +166,18 @@ class Slot:
         if bias is not None and live_bias is not None and not _same(bias, live_bias):
             live_bias.copy_(bias)
         self.clean = not active
+        self.stamp = _stamp(self.module) if self.clean else None
+
+    def _rebase(self) -> None:
+        """The idle weight was changed outside diffadapt (edited, reloaded, recast): it is the new W0."""
+        live, live_bias = self.module.weight.data, _bias(self.module)
+        if self.mapped or (self.backup.dtype, self.backup.shape) != (live.dtype, live.shape):
+            self.backup, self.mapped = backups.allocate([live], self.where)[0], False
+        self.backup.copy_(live)
+        if self.backup_bias is not None and live_bias is not None:
+            if self.mapped_bias or (self.backup_bias.dtype, self.backup_bias.shape) != (live_bias.dtype, live_bias.shape):
+                self.backup_bias, self.mapped_bias = backups.allocate([live_bias], self.where)[0], False
+            self.backup_bias.copy_(live_bias)
 
     def _compose(self, *, out: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``compute`` (into ``out`` when given); float8 storage: in float32 from an upcast W0, rounding measured."""
@@ -212,6 +227,24 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
     return bias.data if isinstance(bias, torch.Tensor) else None
 
 
+def _stamp(module: nn.Module) -> tuple:
+    """What tells an idle (restored) weight from one changed since: storage, version, dtype, shape, and a few
+    rows of values (an in-place edit through ``.data`` bumps no version; a fine-tune or reload changes them)."""
+    out = []
+    for p in (module.weight, getattr(module, "bias", None)):
+        if not isinstance(p, torch.Tensor):
+            continue
+        t = p.data
+        rows = t[torch.linspace(0, t.shape[0] - 1, min(4, t.shape[0]), device=t.device).long()] if t.dim() else t
+        out.append(((t.data_ptr(), p._version, t.dtype, tuple(t.shape)), rows.reshape(len(rows), -1)[:, :256].clone()))
+    return tuple(out)
+
+
+def _unchanged(old: tuple | None, new: tuple) -> bool:
+    return old is not None and len(old) == len(new) and all(
+        a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(old, new))
+
+
 def _on(backup: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """W0 where the write runs: the backup itself, or — a host backup of an accelerator weight — staged into
     the live buffer (the write then reads and overwrites it in place; no device memory is allocated)."""
@@ -259,6 +292,7 @@ def _new_slots(modules: list[nn.Module], backup: str) -> tuple[list[Slot], list[
             slot.backup, slot.mapped = _private(module.weight), True  # the mapped original is the backup
         elif backup != "none":
             groups.setdefault(module.weight.device, []).append(slot)
+        slot.stamp = _stamp(module)
     copies = []
     for device, group in groups.items():
         lives = [s.module.weight.data for s in group]
