@@ -42,6 +42,7 @@ import tempfile
 import time
 
 import common
+import numpy as np
 import torch
 
 import diffadapt as da
@@ -68,6 +69,30 @@ def lycoris_prefix(prefix: str):
         yield
     finally:
         LycorisNetwork.LORA_PREFIX = saved
+
+
+class Spill:
+    """Tensors kept in a file (raw bytes) instead of memory; ``spill[name]`` reads one back."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], directory: str):
+        self.path, self.where, self.nbytes = os.path.join(directory, "patched.bin"), {}, 0
+        with open(self.path, "wb") as f:
+            for n, t in tensors.items():
+                a = t.detach().contiguous().cpu().numpy()
+                self.where[n] = (f.tell(), a.dtype, a.shape)
+                a.tofile(f)
+                self.nbytes += a.nbytes
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        offset, dtype, shape = self.where[name]
+        count = int(np.prod(shape))
+        return torch.from_numpy(np.fromfile(self.path, dtype=dtype, count=count, offset=offset).reshape(shape))
 
 
 def _device_bytes(device: torch.device) -> int:
@@ -107,9 +132,9 @@ class Bench:
                 if self.device.type == "cuda":
                     moved += max(0, _device_bytes(self.device) - allocated - adapter_bytes)
                 self.storage[f"{key}/{side}"] = moved
-            if check is not None:  # our end state, for the reference's round (a copy: unload writes in place)
-                check["patched"] = {n: p.detach().clone() for n, p in self.unet.named_parameters()
-                                    if not torch.equal(p, self.snap.saved[n])}
+            if check is not None:  # our end state, for the reference's round (unload writes in place)
+                check["patched"] = Spill({n: p for n, p in self.unet.named_parameters()
+                                          if not torch.equal(p, self.snap.saved[n])}, check["dir"])
             with common.timed(times, "unload"):
                 da.unload(self.pipe, "x")
             if side == "warm":
@@ -167,22 +192,23 @@ class Bench:
             if base is not None and not torch.equal(p, self.snap.saved[base]):
                 touched.append(base)
                 if base in patched:
-                    delta = max(delta, (p.detach() - patched[base]).abs().max().item())
+                    delta = max(delta, (p.detach() - patched[base].to(p.device)).abs().max().item())
         check.update(touched=touched, delta=delta)
 
     # -- one case -----------------------------------------------------------------------------------
     def case(self, key: str, path: str, reference: str, repeats: int) -> dict:
         make = self.diffusers_round if reference == "diffusers" else self.lycoris_round
-        check: dict = {}  # the warm-up rounds double as the equality check and the memory measurement
+        check: dict = {"dir": os.path.dirname(path)}  # the warm-up rounds: equality check and memory measurement
         self.measure = True
         common.run_rounds({"first": self.diffadapt_round(path, key, "first", check),
                            "warm": self.diffadapt_round(path, key, "warm"), "ref": make(path, key, check)}, repeats=0)
         self.measure = False
         patched, touched = check.pop("patched"), set(check["touched"])
-        touched_bytes = sum(p.numel() * p.element_size() for p in patched.values())
+        touched_bytes = patched.nbytes
         if set(patched) != touched:
             raise SystemExit(f"{key}: touched parameters differ: only diffadapt {sorted(set(patched) - touched)[:5]}, "
                              f"only {reference} {sorted(touched - set(patched))[:5]}")
+        os.remove(patched.path)
         del patched
         if not check["delta"] <= TOLERANCE:
             raise SystemExit(f"{key}: diffadapt and {reference} disagree: max |Δ| = {check['delta']:.3g}")

@@ -120,8 +120,8 @@ def test_release_keeps_what_loaded_adapters_need_and_release_on_unload_frees_the
         da.configure(pipe, release_on_unload=False)
 
 
-@pytest.mark.parametrize("edit", ["through .data", "load_state_dict", "to(float16)"])
-def test_weights_changed_while_backups_idle_become_the_new_originals(pipe, unet_file, edit):
+@pytest.mark.parametrize("edit", ["through .data", "load_state_dict", "to(float16)", "reloaded read-only"])
+def test_weights_changed_while_backups_idle_become_the_new_originals(pipe, unet_file, tmp_path, edit):
     """A kept backup must not bring back weights the user replaced after the last unload."""
     unet = copy.deepcopy(pipe.unet)
     da.load(unet, unet_file, "x")
@@ -132,13 +132,20 @@ def test_weights_changed_while_backups_idle_become_the_new_originals(pipe, unet_
                 p.data.mul_(1.01)
         elif edit == "load_state_dict":
             unet.load_state_dict({k: v * 0.99 for k, v in unet.state_dict().items()})
-        else:
+        elif edit == "to(float16)":
             unet.to(torch.float16)
+        else:
+            mapped = mapped_copy(unet, "read-only", tmp_path / "w.bin")
+            for (n, p), q in zip(unet.named_parameters(), mapped.parameters()):
+                p.data = q.data
+            digest = hashlib.sha1((tmp_path / "w.bin").read_bytes()).hexdigest()
     edited = param_hashes(unet)
     da.load(unet, unet_file, "x")
     assert param_hashes(unet) != edited
     da.unload(unet)
     assert param_hashes(unet) == edited
+    if edit == "reloaded read-only":
+        assert hashlib.sha1((tmp_path / "w.bin").read_bytes()).hexdigest() == digest
 
 
 @pytest.mark.parametrize("how", ["load(backup='none')", "configure(backup='none')", "release(bake=True)"])

@@ -152,6 +152,7 @@ class Slot:
         live, live_bias = self.module.weight.data, _bias(self.module)
         if self.clean and not _unchanged(self.stamp, _stamp(self.module)):
             self._rebase()
+            live, live_bias = self.module.weight.data, _bias(self.module)
         if any(e.params.bias_delta() is not None for e in self.entries):
             self._back_up_bias()
         was_clean, self.clean, self.stamp = self.clean, False, None  # from here on the live values may change
@@ -171,9 +172,17 @@ class Slot:
     def _rebase(self) -> None:
         """The idle weight was changed outside diffadapt (edited, reloaded, recast): it is the new W0."""
         live, live_bias = self.module.weight.data, _bias(self.module)
-        if self.mapped or (self.backup.dtype, self.backup.shape) != (live.dtype, live.shape):
+        maps = MemoryMap() if live.device.type == "cpu" else None
+        if maps is not None and live_bias is not None and not maps.writable(live_bias):  # e.g. reloaded with mmap
+            self.backup_bias, self.mapped_bias = _private(self.module.bias), True
+            live_bias = None
+        if maps is not None and not maps.writable(live):
+            self.backup, self.mapped = _private(self.module.weight), True
+            live = None
+        elif self.mapped or (self.backup.dtype, self.backup.shape) != (live.dtype, live.shape):
             self.backup, self.mapped = backups.allocate([live], self.where)[0], False
-        self.backup.copy_(live)
+        if live is not None:
+            self.backup.copy_(live)
         if self.backup_bias is not None and live_bias is not None:
             if self.mapped_bias or (self.backup_bias.dtype, self.backup_bias.shape) != (live_bias.dtype, live_bias.shape):
                 self.backup_bias, self.mapped_bias = backups.allocate([live_bias], self.where)[0], False
