@@ -420,8 +420,8 @@ def _report_rounding(loaded, slots) -> None:
         worst = max(low)
         loaded.extra["patch.rounding"] = worst
         warnings.warn(f"adapter '{loaded.name}': {len(low)} weights are stored in float8; the patched weights were "
-                      f"rounded back to it (relative error up to {worst:.2%} per weight). mode='inject' keeps the "
-                      "adapter apart from the rounded weights", stacklevel=4)
+                      f"rounded back to it (relative error up to {worst:.2%} per weight, float8's own precision); "
+                      "unload restores the float8 originals exactly", stacklevel=4)
 
 
 def _rewrite(pairs: list[tuple[Slot, list[Entry]]], created: list[Slot], copies: list[SideCopies], name: str) -> None:
