@@ -12,8 +12,7 @@ graphs keep their addresses), and keeps the originals (W0) elsewhere for an exac
 A module is backed up once, at its first patch, and the copy is reused by every later load, weight change,
 hotswap and unload; unloading restores the values in place and keeps the copy, so the next load is one fused
 write per module. :func:`release` frees the copies (and ``release_on_unload=True`` frees them on unload). The
-copies of one load share one allocation (on Linux a huge-page mapping: the kernel faults it in 2 MiB at a
-time), whose memory returns to the system once all its modules are released.
+copies of one load share one allocation, whose memory returns to the system once all its modules are released.
 
 Weights the process must not write — a read-only mapping, or a file mapped shared, as ``torch.load(mmap=True)``
 or safetensors map checkpoints — are detected from ``/proc/self/maps``: the first patch gives the parameter a
@@ -23,7 +22,6 @@ private copy, and the mapped original is the backup (no second copy is made; rel
 from __future__ import annotations
 
 import bisect
-import mmap
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +34,6 @@ from .errors import UnsupportedError
 BACKUPS = ("host", "device", "none")
 _ATTR = "_diffadapt_patch_settings"
 _ALIGN = 64  # bytes between two backups in one allocation
-_HUGE = 2 << 20
 
 
 @dataclass
@@ -140,17 +137,6 @@ class MemoryMap:
 # -- backup buffers ------------------------------------------------------------------------------------
 
 
-def _host_buffer(nbytes: int, *, pinned: bool) -> torch.Tensor:
-    if pinned:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    if nbytes < _HUGE or not sys.platform.startswith("linux"):
-        return torch.empty(nbytes, dtype=torch.uint8)
-    area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # 2 MiB faults: first-touch cost of a large copy drops several-fold
-        area.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(area, dtype=torch.uint8)  # the tensor keeps the mapping alive
-
-
 @torch.inference_mode(False)  # backups are written outside inference mode later
 def allocate(likes: list[torch.Tensor], where: str) -> list[torch.Tensor]:
     """Contiguous empty tensors shaped like ``likes``, carved from one allocation.
@@ -167,7 +153,7 @@ def allocate(likes: list[torch.Tensor], where: str) -> list[torch.Tensor]:
     if where == "device" and device.type != "cpu":
         buf = torch.empty(total, dtype=torch.uint8, device=device)
     else:
-        buf = _host_buffer(total, pinned=device.type == "cuda")
+        buf = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
     return [buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for o, t in zip(offsets, likes)]
 
 

@@ -237,15 +237,18 @@ def _bias(module: nn.Module) -> torch.Tensor | None:
 
 
 def _stamp(module: nn.Module) -> tuple:
-    """What tells an idle (restored) weight from one changed since: storage, version, dtype, shape, and a few
-    rows of values (an in-place edit through ``.data`` bumps no version; a fine-tune or reload changes them)."""
+    """What tells an idle (restored) weight from one changed since: storage, version, dtype, shape, and 256
+    values spread over it (an in-place edit through ``.data`` bumps no version; a fine-tune or reload changes them)."""
     out = []
     for p in (module.weight, getattr(module, "bias", None)):
         if not isinstance(p, torch.Tensor):
             continue
-        t = p.data
-        rows = t[torch.linspace(0, t.shape[0] - 1, min(4, t.shape[0]), device=t.device).long()] if t.dim() else t
-        out.append(((t.data_ptr(), p._version, t.dtype, tuple(t.shape)), rows.reshape(len(rows), -1)[:, :256].clone()))
+        t, n = p.data, p.numel()
+        if n and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):  # dense: sample storage
+            sample = t.as_strided((min(n, 256),), (max(1, n // 256),), t.storage_offset()).clone()
+        else:
+            sample = t.detach().reshape(-1)[:: max(1, n // 256)].clone()
+        out.append(((t.data_ptr(), p._version, t.dtype, tuple(t.shape)), sample))
     return tuple(out)
 
 
