@@ -122,18 +122,18 @@ def build_app(studio: Studio) -> gr.Blocks:
                                           **PRIVATE)
 
             with gr.Column(scale=3):
-                prompt = gr.Textbox("a photo of a cat", label="Prompt", lines=2, elem_id="prompt")
-                negative = gr.Textbox("", label="Negative prompt", elem_id="negative")
+                prompt = gr.Textbox("a photo of a cat", label="Prompt", lines=2, elem_id="prompt", interactive=True)
+                negative = gr.Textbox("", label="Negative prompt", elem_id="negative", interactive=True)
                 with gr.Row():
-                    seed = gr.Number(0, label="Seed (-1: random)", precision=0, elem_id="seed")
+                    seed = gr.Number(0, label="Seed (-1: random)", precision=0, elem_id="seed", interactive=True)
                     sampler = gr.Dropdown(studio.samplers, value=studio.samplers[0] if studio.samplers else None,
-                                          label="Sampler", elem_id="sampler")
-                    steps = gr.Slider(1, 150, value=studio.default_steps, step=1, label="Steps", elem_id="steps")
-                    cfg = gr.Slider(1, 20, value=7.0, step=0.5, label="CFG scale", elem_id="cfg")
+                                          label="Sampler", elem_id="sampler", interactive=True)
+                    steps = gr.Slider(1, 150, value=studio.default_steps, step=1, label="Steps", elem_id="steps", interactive=True)
+                    cfg = gr.Slider(1, 20, value=7.0, step=0.5, label="CFG scale", elem_id="cfg", interactive=True)
                 with gr.Row():
-                    width = gr.Slider(8, 2048, value=size, step=8, label="Width", elem_id="width")
-                    height = gr.Slider(8, 2048, value=size, step=8, label="Height", elem_id="height")
-                    batch = gr.Slider(1, 8, value=1, step=1, label="Batch", elem_id="batch")
+                    width = gr.Slider(8, 2048, value=size, step=8, label="Width", elem_id="width", interactive=True)
+                    height = gr.Slider(8, 2048, value=size, step=8, label="Height", elem_id="height", interactive=True)
+                    batch = gr.Slider(1, 8, value=1, step=1, label="Batch", elem_id="batch", interactive=True)
                 slot_area = gr.Column()
                 with gr.Row():
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -147,22 +147,22 @@ def build_app(studio: Studio) -> gr.Blocks:
                 with gr.Accordion("X/Y grid", open=False):
                     with gr.Row():
                         grid_mode = gr.Radio(["adapter × weight", "weight × weight"], value="adapter × weight",
-                                             label="Grid", elem_id="grid-mode")
+                                             label="Grid", elem_id="grid-mode", interactive=True)
                         grid_rows = gr.Dropdown([], multiselect=True, label="Adapters (rows) / X adapter",
-                                                elem_id="grid-rows")
-                        grid_x = gr.Textbox("0, 0.5, 1", label="X weights", elem_id="grid-x")
+                                                elem_id="grid-rows", interactive=True)
+                        grid_x = gr.Textbox("0, 0.5, 1", label="X weights", elem_id="grid-x", interactive=True)
                     with gr.Row():
-                        grid_y_adapter = gr.Dropdown([], label="Y adapter (weight × weight)", elem_id="grid-y-adapter")
-                        grid_y = gr.Textbox("0, 1", label="Y weights", elem_id="grid-y")
+                        grid_y_adapter = gr.Dropdown([], label="Y adapter (weight × weight)", elem_id="grid-y-adapter", interactive=True)
+                        grid_y = gr.Textbox("0, 1", label="Y weights", elem_id="grid-y", interactive=True)
                         grid_btn = gr.Button("Run grid", elem_id="grid")
                     grid_out = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid-out")
                 with gr.Accordion("Merge the stack into one LoRA", open=False):
                     with gr.Row():
-                        merge_name = gr.Textbox("merged", label="Name (in the adapter folder)", elem_id="merge-name")
+                        merge_name = gr.Textbox("merged", label="Name (in the adapter folder)", elem_id="merge-name", interactive=True)
                         merge_method = gr.Dropdown(list(MERGE_METHODS), value="svd", label="Method",
-                                                   elem_id="merge-method")
+                                                   elem_id="merge-method", interactive=True)
                         merge_rank = gr.Number(None, label="Rank (empty: sum of ranks)", precision=0,
-                                               elem_id="merge-rank")
+                                               elem_id="merge-rank", interactive=True)
                         merge_btn = gr.Button("Merge and save", elem_id="merge")
                     merge_file = gr.File(label="Merged file", elem_id="merge-file")
 
@@ -208,14 +208,14 @@ def build_app(studio: Studio) -> gr.Blocks:
                     gr.Markdown("No adapters in the stack: add one from the cards, or use `<lora:name:w>` tags.")
                 for i, name in enumerate(names):
                     with gr.Row(elem_id=f"slot-{i}", equal_height=True):
-                        on = gr.Checkbox(True, label=name, key=f"on-{name}", elem_id=f"slot-{i}-on", scale=1,
+                        on = gr.Checkbox(True, label=name, key=f"on-{name}", elem_id=f"slot-{i}-on", interactive=True, scale=1,
                                          min_width=90)
                         weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="weight", key=f"w-{name}",
-                                           elem_id=f"slot-{i}-weight", scale=4)
+                                           elem_id=f"slot-{i}-weight", interactive=True, scale=4)
                         te = gr.Number(None, label="text encoder (empty: weight)", key=f"te-{name}",
-                                       elem_id=f"slot-{i}-te", scale=2, min_width=90)
+                                       elem_id=f"slot-{i}-te", interactive=True, scale=2, min_width=90)
                         preset = gr.Dropdown(list(BLOCK_PRESETS), value="all", label="blocks", key=f"p-{name}",
-                                             elem_id=f"slot-{i}-preset", scale=2, min_width=100)
+                                             elem_id=f"slot-{i}-preset", interactive=True, scale=2, min_width=100)
                         remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"slot-{i}-remove")
                         remove.click(lambda cur, n=name: [x for x in cur if x != n], [stack], [stack], **PRIVATE)
                     slot_inputs += [on, weight, te, preset]

@@ -1,0 +1,232 @@
+"""The studio served: its documented API through ``gradio_client`` and its controls in Chromium (Playwright).
+
+One server and one browser page for the module. Each control is checked by what it produces: images are
+fetched from the page and compared pixel for pixel with the same request made directly on the studio.
+Chromium must be installed at /usr/bin/chromium; without it these tests fail (they never download one).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import concurrent.futures
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import diffadapt as da
+from diffadapt.infotext import load_png, read
+from diffadapt.studio import Request, demo_studio
+from diffadapt.testing import tiny_sd1_pipeline
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+CHROMIUM = "/usr/bin/chromium"
+SIZE, STEPS = 32, 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from diffadapt.studio.app import CSS, build_app
+
+    studio = demo_studio(tmp_path_factory.mktemp("adapters"), default_steps=STEPS)
+    studio.size = SIZE
+    app = build_app(studio)
+    port = free_port()
+    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=CSS)
+    yield f"http://127.0.0.1:{port}/", studio
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    assert Path(CHROMIUM).is_file(), f"the browser tests need Chromium at {CHROMIUM} (apt-get install chromium)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.goto(server[0], wait_until="domcontentloaded")
+        page.wait_for_selector("#generate")
+        yield page
+        browser.close()
+
+
+def px(data: bytes | Image.Image) -> np.ndarray:
+    im = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+    return np.asarray(im.convert("RGB"), dtype=np.float64)
+
+
+def direct(studio, prompt="a photo of a cat", slots=None, seed=0) -> np.ndarray:
+    return px(studio.generate(Request(prompt, seed=seed, steps=STEPS, width=SIZE, height=SIZE), slots)[0].image)
+
+
+# -- the API ------------------------------------------------------------------------------------------
+
+
+def test_api_lists_the_documented_endpoints(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(api) == {"/adapters", "/generate", "/merge"}
+    assert [p["parameter_name"] for p in api["/generate"]["parameters"]] == [
+        "prompt", "negative_prompt", "seed", "steps", "cfg", "width", "height", "sampler"]
+    assert [p["parameter_name"] for p in api["/merge"]["parameters"]] == ["tags", "name", "method", "rank"]
+    cards = {c["name"]: c for c in client.predict(api_name="/adapters")}
+    assert cards["film"]["methods"] == ["loha"] and cards["ink"]["trigger_words"] == ["ink wash"]
+    assert cards["grain"]["preview"] == "grain.preview.png" and cards["grain"]["ranks"] == [4]
+
+
+def test_api_generate_png_and_twelve_concurrent_requests(client, server):
+    studio = server[1]
+    jobs = [(f"a cat <lora:{n}:{w}>", "blurry" if s % 2 else "", s) for s, (n, w) in
+            enumerate([("ink", 0.8), ("film", -1), ("grain", 0.5), ("ink", 0.3)] * 3)]
+    alone = [direct(studio, f"{p}", seed=s) if not neg else
+             px(studio.generate(Request(p, neg, seed=s, steps=STEPS, width=SIZE, height=SIZE))[0].image)
+             for p, neg, s in jobs]
+    submitted = [client.submit(p, neg, s, STEPS, 7.0, SIZE, SIZE, "Euler", api_name="/generate") for p, neg, s in jobs]
+    for (prompt, neg, seed), job, want in zip(jobs, submitted, alone):
+        path, text = job.result(timeout=120)
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.info["parameters"] == text
+            assert np.array_equal(px(im), want)
+        info = load_png(path)
+        assert info.prompt == prompt and info.negative_prompt == neg and info.params["Seed"] == str(seed)
+    with pytest.raises(Exception, match="adapter folder"):
+        client.predict("a cat <lora:../../x:1>", "", 0, 1, 7.0, SIZE, SIZE, "Euler", api_name="/generate")
+
+
+def test_api_merge_returns_the_file(client, server):
+    path, info = client.predict("<lora:ink:0.6> <lora:grain:0.4>", "api-mix", "svd", 4, api_name="/merge")
+    assert info["name"] == "api-mix" and 0 < info["rel_error"] < 1
+    assert Path(path).read_bytes() == (server[1].adapter_dir / "api-mix.safetensors").read_bytes()
+    assert set(da.inspect(path).methods) == {"lora"}
+    for name in ("../../../x", "/tmp/x"):
+        with pytest.raises(Exception, match="adapter folder|absolute"):
+            client.predict("<lora:ink:1>", name, "svd", 0, api_name="/merge")
+    assert not Path("/tmp/x.safetensors").exists()
+
+
+# -- the page -----------------------------------------------------------------------------------------
+
+
+def set_number(page, selector: str, value) -> None:
+    box = page.locator(f"{selector} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+    box.blur()
+
+
+def shown(page, selector: str) -> list[str]:
+    return page.eval_on_selector_all(f"{selector} img", "els => els.map(e => e.src)")
+
+
+def wait_new_image(page, selector: str, old: list[str]) -> np.ndarray:
+    page.wait_for_function(
+        "([sel, old]) => { const i = document.querySelector(sel + ' img'); return i && i.src && !old.includes(i.src); }",
+        arg=[selector, old])
+    return px(page.request.get(shown(page, selector)[0]).body())
+
+
+def generate(page) -> np.ndarray:
+    old = shown(page, "#gallery")
+    page.click("#generate")
+    return wait_new_image(page, "#gallery", old)
+
+
+def open_section(page, title: str, selector: str) -> None:
+    if not page.is_visible(selector):
+        page.get_by_text(title).click()
+        page.wait_for_selector(selector)
+
+
+def error_text(page, button: str, message: str) -> str:
+    page.click(button)
+    page.wait_for_function("m => (document.querySelector('#status .error') || {}).innerText?.includes(m)", arg=message)
+    return page.inner_text("#status .error")
+
+
+def test_sliders_tags_and_off_in_the_browser(page, server):
+    studio = server[1]
+    set_number(page, "#seed", 0)
+    page.get_by_role("button", name="+ ink").click()
+    page.wait_for_selector("#slot-0-weight")
+    full = generate(page)
+    assert np.array_equal(full, direct(studio, slots={"ink": 1.0}))
+    set_number(page, "#slot-0-weight", 0.3)
+    moved = generate(page)
+    assert not np.array_equal(moved, full)  # moving the slider changes the image…
+    assert np.array_equal(moved, direct(studio, slots={"ink": 0.3}))  # …to exactly that weight
+    set_number(page, "#slot-0-weight", 0)
+    zero = generate(page)
+    page.uncheck("#slot-0-on input")
+    off = generate(page)
+    assert np.array_equal(zero, off) and np.array_equal(off, direct(studio))
+    page.fill("#prompt textarea", "a photo of a cat <lora:ink:0.3>")
+    assert np.array_equal(generate(page), moved)  # the tag equals the slider
+    info = read(page.input_value("#infotext textarea"))
+    assert [(a.name, a.te, a.unet) for a in info.adapters] == [("ink", 0.3, 0.3)]
+    page.fill("#prompt textarea", "a photo of a cat")
+    page.check("#slot-0-on input")
+    set_number(page, "#slot-0-weight", 1)
+
+
+def test_grid_in_the_browser(page, server):
+    open_section(page, "X/Y grid", "#grid-x textarea")
+    page.fill("#grid-x textarea", "0, 1")
+    old = shown(page, "#grid-out")
+    page.click("#grid")
+    grid = wait_new_image(page, "#grid-out", old)
+    assert grid.shape[0] > SIZE and grid.shape[1] > 2 * SIZE  # one row (ink) × two weights, with labels
+    assert "grid of 1 × 2" in page.inner_text("#status")
+
+
+def test_merge_and_download(page, server):
+    studio = server[1]
+    open_section(page, "Merge the stack into one LoRA", "#merge-name textarea")
+    page.fill("#merge-name textarea", "browser-mix")
+    page.click("#merge")
+    link = page.wait_for_selector("#merge-file a[href]")
+    status = page.inner_text("#status")
+    error = float(status.rsplit("error", 1)[1])
+    data = page.request.get(link.get_attribute("href")).body()
+    assert data == (studio.adapter_dir / "browser-mix.safetensors").read_bytes()
+    target = studio.adapter_dir.parent / "downloaded.safetensors"
+    target.write_bytes(data)
+    base, stack, merged = tiny_sd1_pipeline(), tiny_sd1_pipeline(), tiny_sd1_pipeline()
+    da.load(stack, str(studio.adapter_dir / "ink.safetensors"))  # the page's stack: ink at 1
+    da.load(merged, str(target))
+    want = {k: v - base.unet.state_dict()[k] for k, v in stack.unet.state_dict().items()}
+    got = {k: v - base.unet.state_dict()[k] for k, v in merged.unet.state_dict().items()}
+    rel = (sum(float((got[k] - want[k]).norm() ** 2) for k in want) / sum(float(w.norm() ** 2) for w in want.values())) ** 0.5
+    assert rel <= error * 1.01 + 1e-5
+
+
+@pytest.mark.parametrize("field, value, button, message", [
+    ("#merge-name textarea", "../../../evil", "#merge", "contains a path separator or '..'"),
+    ("#merge-name textarea", "/tmp/evil", "#merge", "is an absolute path"),
+    ("#prompt textarea", "a cat <lora:/etc/passwd:1>", "#generate", "'/etc/passwd' is an absolute path"),
+    ("#prompt textarea", "a cat <lora:../../x:1>", "#generate", "'../../x' contains a path separator"),
+    ("#prompt textarea", "a cat <lora: :1>", "#generate", "<lora: :1>: no network name"),  # escaped, not eaten
+])
+def test_attacks_and_errors_show_inline(page, server, field, value, button, message):
+    open_section(page, "Merge the stack into one LoRA", "#merge-name textarea")
+    page.fill(field, value)
+    assert message in error_text(page, button, message)
+    assert not any(Path(p).exists() for p in ("/tmp/evil.safetensors", server[1].adapter_dir.parent.parent / "evil.safetensors"))
+    page.fill("#prompt textarea", "a photo of a cat")
