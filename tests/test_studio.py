@@ -3,7 +3,6 @@ PNG/infotext contract, concurrency, merges, and the adapter folder's defences (n
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import runpy
 import shutil
@@ -108,15 +107,6 @@ def test_random_seed_sampler_and_preset(studio):
     assert not np.array_equal(px(mid.image), image(studio, R, {"ink": 1.0}))
     with pytest.raises(da.DiffAdaptError, match="sampler 'nope'"):
         studio.generate(Request(R.prompt, sampler="nope"))
-
-
-def test_twelve_concurrent_requests_each_equal_alone(studio):
-    reqs = [(Request(f"a cat <lora:{n}:{w}>", seed=s, steps=2, width=32, height=32), {o: 0.5})
-            for s, (n, w, o) in enumerate([("ink", 1, "film"), ("film", -1, "grain"), ("grain", 0.5, "ink")] * 4)]
-    alone = [image(studio, q, slots) for q, slots in reqs]
-    with concurrent.futures.ThreadPoolExecutor(12) as pool:
-        together = list(pool.map(lambda a: image(studio, *a), reqs))
-    assert all(np.array_equal(a, b) for a, b in zip(alone, together))
 
 
 def test_grid_and_compare(studio):

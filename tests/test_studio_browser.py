@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import socket
-import concurrent.futures
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from PIL import Image
 
 import diffadapt as da
 from diffadapt.infotext import load_png, read
-from diffadapt.studio import Request, demo_studio
+from diffadapt.studio import Request, Slot, demo_studio
 from diffadapt.testing import tiny_sd1_pipeline
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -96,8 +95,7 @@ def test_api_generate_png_and_twelve_concurrent_requests(client, server):
     studio = server[1]
     jobs = [(f"a cat <lora:{n}:{w}>", "blurry" if s % 2 else "", s) for s, (n, w) in
             enumerate([("ink", 0.8), ("film", -1), ("grain", 0.5), ("ink", 0.3)] * 3)]
-    alone = [direct(studio, f"{p}", seed=s) if not neg else
-             px(studio.generate(Request(p, neg, seed=s, steps=STEPS, width=SIZE, height=SIZE))[0].image)
+    alone = [px(studio.generate(Request(p, neg, seed=s, steps=STEPS, width=SIZE, height=SIZE))[0].image)
              for p, neg, s in jobs]
     submitted = [client.submit(p, neg, s, STEPS, 7.0, SIZE, SIZE, "Euler", api_name="/generate") for p, neg, s in jobs]
     for (prompt, neg, seed), job, want in zip(jobs, submitted, alone):
@@ -151,7 +149,7 @@ def generate(page) -> np.ndarray:
 
 def open_section(page, title: str, selector: str) -> None:
     if not page.is_visible(selector):
-        page.get_by_text(title).click()
+        page.get_by_text(title, exact=True).click()
         page.wait_for_selector(selector)
 
 
@@ -184,6 +182,37 @@ def test_sliders_tags_and_off_in_the_browser(page, server):
     page.fill("#prompt textarea", "a photo of a cat")
     page.check("#slot-0-on input")
     set_number(page, "#slot-0-weight", 1)
+    set_number(page, "#slot-0-te", 0)
+    assert np.array_equal(generate(page), direct(studio, slots={"ink": Slot(1.0, te=0.0)}))  # UNet only
+    page.fill("#slot-0-te input", "")
+    page.locator("#slot-0-te input").blur()
+
+
+def test_compare_in_the_browser(page, server):
+    studio = server[1]
+    open_section(page, "With / without", "#compare-out")
+    page.click("#compare")
+    page.wait_for_function("() => document.querySelectorAll('#compare-out img').length >= 2")
+    with_, without = (px(page.request.get(src).body()) for src in shown(page, "#compare-out")[:2])
+    assert np.array_equal(with_, direct(studio, slots={"ink": 1.0})) and np.array_equal(without, direct(studio))
+
+
+def test_upload_and_refresh_in_the_browser(page, server, tmp_path):
+    studio = server[1]
+    upload = tmp_path / "ink.safetensors"  # the name of a loaded adapter: it gets a new one
+    upload.write_bytes((studio.adapter_dir / "film.safetensors").read_bytes())
+    ink = (studio.adapter_dir / "ink.safetensors").read_bytes()
+    with page.expect_file_chooser() as chooser:
+        page.click("#upload")
+    chooser.value.set_files(str(upload))
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('added ink-1')")
+    assert (studio.adapter_dir / "ink.safetensors").read_bytes() == ink
+    page.get_by_role("button", name="+ ink-1").wait_for()
+    (studio.adapter_dir / "dropped.safetensors").write_bytes(ink)  # a file added behind the studio's back
+    page.click("#refresh")
+    page.get_by_role("button", name="+ dropped").wait_for()
+    page.click("#slot-1-remove")
+    page.wait_for_selector("#slot-1", state="detached")
 
 
 def test_grid_in_the_browser(page, server):

@@ -187,6 +187,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             return studio.catalog(), status_html(f"{len(studio.available())} adapters in {studio.adapter_dir}")
 
         refresh_btn.click(refreshed, [], [cards, status], **PRIVATE)
+        app.load(lambda: studio.catalog(), [], [cards], **PRIVATE)  # a reloaded page sees uploads and merges
 
         def uploaded(file, current):
             if not file:
