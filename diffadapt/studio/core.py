@@ -276,11 +276,21 @@ class Studio:
 
     def generate(self, req: Request, slots: Mapping[str, Slot | float] | None = None, *, batch: int = 1,
                  on_step: Callable[[int, int], None] | None = None, token: str | None = None) -> list[Result]:
-        """``batch`` images with seeds seed, seed+1, … (image i equals a single request with seed+i)."""
-        req = self._check(req)
-        stack = self.stack(req.prompt, slots)
+        """``batch`` images with seeds seed, seed+1, … (image i equals a single request with seed+i).
+
+        ``token`` names the caller for :meth:`cancel`; a new request clears an old cancel of the same token.
+        """
+        self._start(token)
+        return self._generate(req, slots, batch=batch, on_step=on_step, token=token)
+
+    def _start(self, token: str | None) -> None:
         if token is not None:
             self._cancelled.discard(token)
+
+    def _generate(self, req: Request, slots: Mapping[str, Slot | float] | None, *, batch: int = 1,
+                  on_step: Callable[[int, int], None] | None = None, token: str | None = None) -> list[Result]:
+        req = self._check(req)
+        stack = self.stack(req.prompt, slots)
         results = []
         for i in range(max(1, int(batch))):
             seed = req.seed + i
@@ -291,10 +301,11 @@ class Studio:
     def compare(self, req: Request, slots: Mapping[str, Slot | float] | None = None, *,
                 token: str | None = None) -> tuple[Result, Result]:
         """(with the stack, without any adapter) on the same seed and settings; the prompt's tags are dropped."""
+        self._start(token)
         req = self._check(req)
-        with_ = self.generate(req, slots, token=token)[0]
+        with_ = self._generate(req, slots, token=token)[0]
         plain = replace(req, prompt=parse(req.prompt).prompt)
-        return with_, self.generate(plain, {}, token=token)[0]
+        return with_, self._generate(plain, {}, token=token)[0]
 
     def grid(self, req: Request, slots: Mapping[str, Slot | float] | None, *, rows: list[str], columns: list[str],
              cells: list[list[dict[str, float]]], token: str | None = None,
@@ -309,6 +320,7 @@ class Studio:
             raise DiffAdaptError(f"a grid of {n_rows} × {n_cols} labels needs as many cells")
         if n_rows * n_cols > 64:
             raise DiffAdaptError(f"a grid has at most 64 cells, not {n_rows * n_cols}")
+        self._start(token)
         req = self._check(req)
         base = {n: (s if isinstance(s, Slot) else Slot(float(s))) for n, s in (slots or {}).items()}
         results: list[Result] = []
@@ -318,7 +330,7 @@ class Studio:
                 done = None
                 if on_step is not None:
                     done = lambda k, n, i=len(results): on_step(i * n + k, n * n_rows * n_cols)  # noqa: E731
-                results.append(self.generate(req, stack, token=token, on_step=done)[0])
+                results.append(self._generate(req, stack, token=token, on_step=done)[0])
         image = compose([r.image for r in results], columns, rows)
         path = infotext.save_png(image, self.output_dir / f"grid-{secrets.token_hex(8)}.png", results[0].infotext)
         return Result(image, results[0].infotext, req.seed, path), results
