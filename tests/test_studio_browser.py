@@ -162,9 +162,11 @@ def error_text(page, button: str, message: str) -> str:
 def test_sliders_tags_and_off_in_the_browser(page, server):
     studio = server[1]
     set_number(page, "#seed", 0)
-    page.get_by_role("button", name="+ ink").click()
+    page.get_by_role("button", name="+ ink", exact=True).click()
     page.wait_for_selector("#slot-0-weight")
+    page.wait_for_timeout(300)  # the re-rendered stack's listeners are bound just after its components appear
     full = generate(page)
+    assert read(page.input_value("#infotext textarea")).adapters[0].name == "ink"
     assert np.array_equal(full, direct(studio, slots={"ink": 1.0}))
     set_number(page, "#slot-0-weight", 0.3)
     moved = generate(page)
@@ -207,10 +209,10 @@ def test_upload_and_refresh_in_the_browser(page, server, tmp_path):
     chooser.value.set_files(str(upload))
     page.wait_for_function("() => document.querySelector('#status').innerText.includes('added ink-1')")
     assert (studio.adapter_dir / "ink.safetensors").read_bytes() == ink
-    page.get_by_role("button", name="+ ink-1").wait_for()
+    page.get_by_role("button", name="+ ink-1", exact=True).wait_for()
     (studio.adapter_dir / "dropped.safetensors").write_bytes(ink)  # a file added behind the studio's back
     page.click("#refresh")
-    page.get_by_role("button", name="+ dropped").wait_for()
+    page.get_by_role("button", name="+ dropped", exact=True).wait_for()
     page.click("#slot-1-remove")
     page.wait_for_selector("#slot-1", state="detached")
 
@@ -259,3 +261,25 @@ def test_attacks_and_errors_show_inline(page, server, field, value, button, mess
     assert message in error_text(page, button, message)
     assert not any(Path(p).exists() for p in ("/tmp/evil.safetensors", server[1].adapter_dir.parent.parent / "evil.safetensors"))
     page.fill("#prompt textarea", "a photo of a cat")
+
+
+def test_progress_and_cancel_in_the_browser(page, server):
+    from diffadapt.pipeline import registry
+
+    studio = server[1]
+    calls: list[int] = []
+    hook = studio.pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        set_number(page, "#steps", 150)
+        page.click("#generate")
+        page.wait_for_function("() => document.body.innerText.includes('denoising')")  # per-step progress
+        page.click("#cancel")
+        page.wait_for_function("() => document.querySelector('#status').innerText.includes('Cancelled')")
+        lock = registry(studio.pipe).lock
+        assert lock.acquire(timeout=60)
+        lock.release()
+        assert 0 < len(calls) < 150  # stopped between steps, not run to the end
+    finally:
+        hook.remove()
+        set_number(page, "#steps", STEPS)
+    assert np.array_equal(generate(page), direct(studio, slots={"ink": 1.0}))

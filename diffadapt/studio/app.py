@@ -221,7 +221,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                         remove.click(lambda cur, n=name: [x for x in cur if x != n], [stack], [stack], **PRIVATE)
                     slot_inputs += [on, weight, te, preset]
 
-                def run(*values, progress=gr.Progress(), request: gr.Request = None):
+                def run(request: gr.Request, progress=gr.Progress(), *values):
                     req, slot_values, n = request_and_slots(values)
                     token = request.session_hash if request else None
                     try:
@@ -232,7 +232,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     return [str(r.path) for r in results], results[0].infotext, status_html(
                         f"seed {results[0].seed}" + (f"…{results[-1].seed}" if len(results) > 1 else ""))
 
-                def compare(*values, request: gr.Request = None):
+                def compare(request: gr.Request, *values):
                     req, slot_values, _ = request_and_slots(values)
                     try:
                         with_, without = studio.compare(req, slots_from(names, slot_values),
@@ -241,8 +241,8 @@ def build_app(studio: Studio) -> gr.Blocks:
                         return gr.update(), gr.update(), failure(e)
                     return (str(with_.path), str(without.path)), with_.infotext, status_html("left: with, right: without")
 
-                def grid(mode, rows, x_weights, y_adapter, y_weights, *values, progress=gr.Progress(),
-                         request: gr.Request = None):
+                def grid(request: gr.Request, progress=gr.Progress(), *values):
+                    (mode, rows, x_weights, y_adapter, y_weights), values = values[:5], values[5:]
                     req, slot_values, _ = request_and_slots(values)
                     try:
                         row_labels, col_labels, cells = grid_axes(mode, rows or [], x_weights, y_adapter, y_weights)
@@ -274,7 +274,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 merge_btn.click(merge, [merge_name, merge_method, merge_rank, prompt, *slot_inputs],
                                 [merge_file, cards, status], **PRIVATE)
 
-                def cancel(request: gr.Request = None):
+                def cancel(request: gr.Request):
                     if request is not None:
                         studio.cancel(request.session_hash)
                     return status_html("Cancelled.", error=True)
