@@ -188,6 +188,12 @@ def test_sliders_tags_and_off_in_the_browser(page, server):
     assert np.array_equal(generate(page), direct(studio, slots={"ink": Slot(1.0, te=0.0)}))  # UNet only
     page.fill("#slot-0-te input", "")
     page.locator("#slot-0-te input").blur()
+    page.click("#slot-0-preset input")
+    page.get_by_role("option", name="up only", exact=True).click()
+    assert np.array_equal(generate(page), direct(studio, slots={"ink": Slot(1.0, preset="up only")}))
+    assert "Lora block weights: ink=up only" in page.input_value("#infotext textarea")
+    page.click("#slot-0-preset input")
+    page.get_by_role("option", name="all", exact=True).click()
 
 
 def test_compare_in_the_browser(page, server):
@@ -215,6 +221,17 @@ def test_upload_and_refresh_in_the_browser(page, server, tmp_path):
     page.get_by_role("button", name="+ dropped", exact=True).wait_for()
     page.click("#slot-1-remove")
     page.wait_for_selector("#slot-1", state="detached")
+
+
+def test_grid_axes():
+    from diffadapt.studio.app import grid_axes
+
+    assert grid_axes("adapter × weight", ["ink", "film"], "0, 1", None, "") == (
+        ["ink", "film"], ["0", "1"], [[{"ink": 0.0}, {"ink": 1.0}], [{"film": 0.0}, {"film": 1.0}]])
+    assert grid_axes("weight × weight", ["ink"], "0.5", "film", "-1, 1") == (
+        ["film -1", "film 1"], ["ink 0.5"], [[{"film": -1.0, "ink": 0.5}], [{"film": 1.0, "ink": 0.5}]])
+    with pytest.raises(da.DiffAdaptError, match="X weights"):
+        grid_axes("adapter × weight", ["ink"], "a, b", None, "")
 
 
 def test_grid_in_the_browser(page, server):

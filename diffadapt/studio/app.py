@@ -139,11 +139,11 @@ def build_app(studio: Studio) -> gr.Blocks:
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
                     compare_btn = gr.Button("Compare with / without", elem_id="compare")
                     cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                gallery = gr.Gallery(label="Images (PNG with A1111 parameters)", elem_id="gallery", columns=4,
+                gallery = gr.Gallery(label="Images (PNG with A1111 parameters)", elem_id="gallery", interactive=False, columns=4,
                                      height=300, format="png", type="filepath")
                 info = gr.Textbox(label="Infotext (A1111)", lines=3, elem_id="infotext", buttons=["copy"])
                 with gr.Accordion("With / without", open=False):
-                    slider = gr.ImageSlider(label="with ↔ without", type="filepath", format="png", elem_id="compare-out")
+                    slider = gr.ImageSlider(label="with ↔ without", type="filepath", format="png", elem_id="compare-out", interactive=False)
                 with gr.Accordion("X/Y grid", open=False):
                     with gr.Row():
                         grid_mode = gr.Radio(["adapter × weight", "weight × weight"], value="adapter × weight",
@@ -155,16 +155,16 @@ def build_app(studio: Studio) -> gr.Blocks:
                         grid_y_adapter = gr.Dropdown([], label="Y adapter (weight × weight)", elem_id="grid-y-adapter", interactive=True)
                         grid_y = gr.Textbox("0, 1", label="Y weights", elem_id="grid-y", interactive=True)
                         grid_btn = gr.Button("Run grid", elem_id="grid")
-                    grid_out = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid-out")
+                    grid_out = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid-out", interactive=False)
                 with gr.Accordion("Merge the stack into one LoRA", open=False):
                     with gr.Row():
                         merge_name = gr.Textbox("merged", label="Name (in the adapter folder)", elem_id="merge-name", interactive=True)
                         merge_method = gr.Dropdown(list(MERGE_METHODS), value="svd", label="Method",
                                                    elem_id="merge-method", interactive=True)
-                        merge_rank = gr.Number(None, label="Rank (empty: sum of ranks)", precision=0,
+                        merge_rank = gr.Number(0, label="Rank (0: the ranks added up)", precision=0, minimum=0,
                                                elem_id="merge-rank", interactive=True)
                         merge_btn = gr.Button("Merge and save", elem_id="merge")
-                    merge_file = gr.File(label="Merged file", elem_id="merge-file")
+                    merge_file = gr.File(label="Merged file", elem_id="merge-file", interactive=False)
 
         settings = [prompt, negative, seed, steps, cfg, width, height, sampler]
 
