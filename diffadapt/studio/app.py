@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from ..errors import DiffAdaptError
 from ..prompt import format_number
@@ -50,6 +51,15 @@ def card_html(card: dict[str, Any]) -> str:
     if card["error"]:
         rows.append(f'<span style="color:#b00020">{html.escape(card["error"])}</span>')
     return f'<div class="meta">{"<br>".join(rows)}</div>'
+
+
+def preview_image(path: Path) -> Image.Image | None:
+    """The preview in memory: Gradio serves only its own cache and temp folders, not the adapter folder."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except OSError:
+        return None
 
 
 def parse_numbers(text: str, *, what: str) -> list[float]:
@@ -114,7 +124,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                         for card in items:
                             with gr.Column(elem_classes=["card"], min_width=150, scale=0):
                                 if card["preview"]:
-                                    gr.Image(str(studio.adapter_dir / card["preview"]), show_label=False,
+                                    gr.Image(preview_image(studio.adapter_dir / card["preview"]), show_label=False,
                                              height=96, interactive=False, buttons=[], container=False)
                                 gr.HTML(card_html(card))
                                 add = gr.Button(f"+ {card['name']}", size="sm", elem_classes=["card-add"])
@@ -261,7 +271,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                                                    tags=text or "", slots=slots_from(names, slot_values))
                     except Exception as e:  # noqa: BLE001
                         return gr.update(), gr.update(), failure(e)
-                    return str(path), studio.catalog(), status_html(
+                    return str(studio.download(path)), studio.catalog(), status_html(
                         f"saved {path.name} ({method}); relative approximation error {error:.3g}")
 
                 common = [*settings, batch, *slot_inputs]
@@ -315,7 +325,7 @@ def add_api(studio: Studio, request) -> None:
             path, error = studio.merge(name, method=method or "svd", rank=int(rank) if rank else None, tags=tags)
         except DiffAdaptError as e:
             raise gr.Error(str(e), print_exception=False) from e
-        return str(path), {"name": Path(path).stem, "method": method or "svd", "rel_error": error}
+        return str(studio.download(path)), {"name": Path(path).stem, "method": method or "svd", "rel_error": error}
 
     with gr.Column(visible=False):
         out_json = gr.JSON()

@@ -8,6 +8,7 @@ swapped in (and back) inside the same block. Names reach the disk only through :
 from __future__ import annotations
 
 import secrets
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -365,3 +366,10 @@ class Studio:
                 if on:
                     da.enable(self.pipe, *on)
         return path, float(info.metadata["diffadapt_merge_rel_error"])
+
+    def download(self, path: Path) -> Path:
+        """A copy of a file of the folder in the output folder, for a server that serves only that one."""
+        dest = self.output_dir / secrets.token_hex(8) / Path(path).name
+        dest.parent.mkdir()
+        shutil.copyfile(path, dest)
+        return dest
