@@ -64,6 +64,8 @@ def page(server):
         page.set_default_timeout(30_000)
         page.goto(server[0], wait_until="domcontentloaded")
         page.wait_for_selector("#generate")
+        for name in server[1].available():  # the cards as the page load sees them (the first render is older)
+            page.get_by_role("button", name=f"+ {name}", exact=True).wait_for()
         yield page
         browser.close()
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from PIL import Image
 
 from ..errors import DiffAdaptError
 from ..prompt import format_number
@@ -51,15 +50,6 @@ def card_html(card: dict[str, Any]) -> str:
     if card["error"]:
         rows.append(f'<span style="color:#b00020">{html.escape(card["error"])}</span>')
     return f'<div class="meta">{"<br>".join(rows)}</div>'
-
-
-def preview_image(path: Path) -> Image.Image | None:
-    """The preview in memory: Gradio serves only its own cache and temp folders, not the adapter folder."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError:
-        return None
 
 
 def parse_numbers(text: str, *, what: str) -> list[float]:
@@ -122,14 +112,14 @@ def build_app(studio: Studio) -> gr.Blocks:
                 def show_cards(items):
                     with gr.Row(equal_height=False):
                         for card in items:
-                            with gr.Column(elem_classes=["card"], min_width=150, scale=0):
+                            name = card["name"]
+                            with gr.Column(elem_classes=["card"], min_width=150, scale=0, key=f"card-{name}"):
                                 if card["preview"]:
-                                    gr.Image(preview_image(studio.adapter_dir / card["preview"]), show_label=False,
-                                             height=96, interactive=False, buttons=[], container=False)
-                                gr.HTML(card_html(card))
-                                add = gr.Button(f"+ {card['name']}", size="sm", elem_classes=["card-add"])
-                                add.click(lambda cur, n=card["name"]: add_slot(cur, n), [stack], [stack, status],
-                                          **PRIVATE)
+                                    gr.Image(studio.preview(name), show_label=False, height=96, interactive=False,
+                                             buttons=[], container=False, key=f"preview-{name}")
+                                gr.HTML(card_html(card), key=f"meta-{name}")
+                                add = gr.Button(f"+ {name}", size="sm", elem_classes=["card-add"], key=f"add-{name}")
+                                add.click(lambda cur, n=name: add_slot(cur, n), [stack], [stack, status], **PRIVATE)
 
             with gr.Column(scale=3):
                 prompt = gr.Textbox("a photo of a cat", label="Prompt", lines=2, elem_id="prompt", interactive=True)

@@ -367,6 +367,18 @@ class Studio:
                     da.enable(self.pipe, *on)
         return path, float(info.metadata["diffadapt_merge_rel_error"])
 
+    def preview(self, name: str) -> str | None:
+        """The adapter's preview image, copied once into the output folder (Gradio serves only its own)."""
+        src = self.folder.preview(name)
+        if src is None:
+            return None
+        st = src.stat()
+        dest = self.output_dir / "previews" / f"{name}-{st.st_mtime_ns}-{st.st_size}{src.suffix}"
+        if not dest.exists():
+            dest.parent.mkdir(exist_ok=True)
+            shutil.copyfile(src, dest)
+        return str(dest)
+
     def download(self, path: Path) -> Path:
         """A copy of a file of the folder in the output folder, for a server that serves only that one."""
         dest = self.output_dir / secrets.token_hex(8) / Path(path).name
