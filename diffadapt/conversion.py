@@ -26,7 +26,8 @@ from torch import nn
 from . import io
 from .api import read_spec
 from .errors import AdapterNotFoundError, DiffAdaptError, KeyMappingError, ShapeError
-from .export import DTYPES, Item, module_kind
+from .export import DTYPES, Item
+from .peft_bridge import module_kind
 from .export.kohya import kohya_metadata, kohya_state_dict, sdxl_ldm
 from .export.peft_files import write_peft
 from .info import guess_family

@@ -14,7 +14,7 @@ from torch import nn
 from . import weights
 from .errors import FormatError, KeyMappingError, ShapeError
 from .info import guess_family
-from .backends.peft_layers import unwrap
+from .peft_bridge import unwrap
 from .keys import ANY, ModuleIndex
 from .spec import COMPONENTS, AdapterInfo, AdapterSpec, ModulePatch
 

@@ -1,6 +1,6 @@
 """Inject backend: the adapter lives in peft tuner layers, unfused, built from the file's tensors.
 
-``apply`` converts every target to its peft form first (``export.peft.to_peft``: rank / alpha patterns from
+``apply`` converts every target to its peft form first (``Params.to_peft``: rank / alpha patterns from
 the tensors, LoKr layout, OFT / WaveFT config), checks that peft can hold it exactly and that it composes
 with what the module already carries as in patch mode — all before the model is touched. Then, per
 component, the modules are grouped into as few peft configs as their shared fields allow (one peft adapter
@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from ..errors import DiffAdaptError, UnsupportedError
-from ..export import module_kind
-from ..export.peft import PeftEntry, group_entries, make_config, to_peft
+from .. import peft_bridge as pl
+from ..methods.base import PeftEntry
+from ..peft_bridge import group_entries, make_config, module_kind
 from . import patch as patch_backend
-from . import peft_layers as pl
 
 NAME = "inject"
 KEY = "inject"
@@ -107,7 +107,7 @@ def _sites(loaded) -> list[Site]:
         head, _, attr = t.module_name.rpartition(".")
         parent = t.root.get_submodule(head) if head else t.root
         try:
-            entry = to_peft(t.patch.params, kind=module_kind(t.module), shape=tuple(t.module.weight.shape),
+            entry = t.patch.params.to_peft(kind=module_kind(t.module), shape=tuple(t.module.weight.shape),
                             where=where, inject=True)
         except UnsupportedError as e:
             raise UnsupportedError(f"{e}; use mode='patch'") from None

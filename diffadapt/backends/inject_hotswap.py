@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError
-from ..export import module_kind
-from ..export.peft import PeftEntry, to_peft
-from . import peft_layers as pl
+from .. import peft_bridge as pl
+from ..methods.base import PeftEntry
+from ..peft_bridge import module_kind
 
 KEY = "inject_hotswap"  # Loaded.extra: {"max_rank": int}
 # peft tensor (checkpoint suffix) → axis that holds the rank
@@ -167,7 +167,7 @@ def _plan(loaded, targets) -> list[tuple[Any, PeftEntry | None, Any]]:
             continue
         s = sites[key]
         try:
-            entry = to_peft(t.patch.params, kind=module_kind(t.module), shape=tuple(t.module.weight.shape),
+            entry = t.patch.params.to_peft(kind=module_kind(t.module), shape=tuple(t.module.weight.shape),
                             where=where, inject=True)
         except UnsupportedError as e:
             problems.append(str(e))

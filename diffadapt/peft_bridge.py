@@ -1,13 +1,18 @@
-"""peft tuner layers built from :class:`~diffadapt.export.peft.Group` s, and what diffadapt does to them after.
+"""The one place diffadapt meets peft's tuner machinery: configs from per-module entries, layers, strength.
 
-:func:`build` injects one group around a list of modules with ``peft.inject_adapter_in_model(...,
-low_cpu_mem_usage=True, state_dict=...)``. The root peft sees is a *proxy* holding only those modules (named
-``m0, m1, …``), so peft neither scans the whole component nor changes anything outside the targets; the new
-layers are moved into the real parents only once everything succeeded. The same call around empty modules
-gives the exact keys and shapes peft saves (used by the PEFT writer).
+Below both ``export`` (the PEFT writer builds layers around empty modules to learn peft's key names and
+shapes) and ``backends`` (the inject backend builds live layers); it imports only ``methods`` and ``errors``.
 
-Strength (:func:`set_strength`) and the active-adapter list (:func:`activate`) are diffadapt's: peft has no
-strength for OFT, WaveFT or DoRA, and its ``set_adapter`` would switch the other adapters of a layer off.
+* Configs: each method's ``Params.to_peft`` gives a :class:`~diffadapt.methods.base.PeftEntry` per module
+  (PEFT-suffixed tensors, per-module values that become ``rank_pattern`` / ``alpha_pattern`` /
+  ``n_frequency_pattern``, and the config fields every module of one config must share);
+  :func:`group_entries` puts the modules into as few configs as those shared fields allow.
+* Layers: :func:`build` injects one group around a list of modules with ``peft.inject_adapter_in_model(...,
+  low_cpu_mem_usage=True, state_dict=...)``. The root peft sees is a *proxy* holding only those modules (named
+  ``m0, m1, …``), so peft neither scans the whole component nor changes anything outside the targets; the new
+  layers are moved into the real parents only once everything succeeded.
+* Strength (:func:`set_strength`) and the active-adapter list (:func:`activate`) are diffadapt's: peft has no
+  strength for OFT, WaveFT or DoRA, and its ``set_adapter`` would switch the other adapters of a layer off.
 """
 
 from __future__ import annotations
@@ -15,12 +20,102 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import DiffAdaptError, UnsupportedError
-from ..export.peft import Group, make_config
+from .errors import DiffAdaptError, UnsupportedError
+from .methods.base import PeftEntry
+
+KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+PATTERNS = {"r": "rank_pattern", "lora_alpha": "alpha_pattern", "alpha": "alpha_pattern",
+            "n_frequency": "n_frequency_pattern"}
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """linear | conv1d | conv2d | conv3d: the layer kinds peft's tuners distinguish."""
+    for cls, kind in KINDS.items():
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+@dataclass
+class Group:
+    """Modules that one peft config (one peft adapter name) holds."""
+
+    peft_type: str
+    shared: dict[str, tuple]
+    modules: dict[str, PeftEntry] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v[0] for k, v in self.shared.items()}
+
+
+# -- grouping and configs ----------------------------------------------------------------------------
+
+
+def group_entries(entries: dict[str, PeftEntry]) -> list[Group]:
+    """Fewest configs: each module joins the first group of its peft type whose shared fields it can take."""
+    groups: list[Group] = []
+    for name, entry in entries.items():
+        for g in groups:
+            if g.peft_type != entry.peft_type:
+                continue
+            merged = dict(g.shared)
+            for k, allowed in entry.shared.items():
+                both = tuple(v for v in merged.get(k, allowed) if v in allowed)
+                if not both:
+                    break
+                merged[k] = both
+            else:
+                g.shared = merged
+                g.modules[name] = entry
+                break
+        else:
+            groups.append(Group(entry.peft_type, dict(entry.shared), {name: entry}))
+    return groups
+
+
+def config_dict(group: Group, names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Keyword arguments of the peft config for ``group``; ``names`` renames modules (e.g. proxy names)."""
+    names = names or {m: m for m in group.modules}
+    kwargs: dict[str, Any] = {"target_modules": [names[m] for m in group.modules], **group.settings()}
+    fields = {k for e in group.modules.values() for k in e.values}
+    for f in sorted(fields):
+        counts = Counter(e.values[f] for e in group.modules.values())
+        default = counts.most_common(1)[0][0]
+        kwargs[f] = default
+        pattern = {names[m]: e.values[f] for m, e in group.modules.items() if e.values[f] != default}
+        if pattern:
+            kwargs.setdefault(PATTERNS[f], {}).update(pattern)
+    if "oft_size" in kwargs:  # OFT: one (r, oft_block_size) pair that peft adjusts to each module's blocks
+        kwargs["r"], kwargs["oft_block_size"] = kwargs.pop("oft_size")
+    return kwargs
+
+
+def make_config(group: Group, names: dict[str, str] | None = None):
+    """The peft config object for ``group`` (inference defaults: no dropout, no bias)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return PEFT_TYPE_TO_CONFIG_MAPPING[group.peft_type](**config_dict(group, names))
+
+
+def config_json(config) -> dict[str, Any]:
+    """A peft config as adapter_config.json holds it (what ``save_pretrained`` writes)."""
+    data = config.to_dict()
+    for k, v in list(data.items()):
+        if isinstance(v, set):
+            data[k] = sorted(v)
+        elif hasattr(v, "value"):  # enums
+            data[k] = v.value
+    return data
+
+
+# -- layers ----------------------------------------------------------------------------------------
 
 
 def tuner_layer_cls():
