@@ -211,6 +211,27 @@ def _fit(sd: dict, expected: dict, group: Group, names: list[str], alias: dict[s
             sd[key] = t.reshape(shape)
 
 
+# -- what strength rules keep per site ---------------------------------------------------------------
+
+
+@dataclass
+class OftSkew:
+    """A PEFT OFT adapter's skew vectors: as loaded, and the (COFT-projected) ones strength scales."""
+
+    vec0: torch.Tensor
+    vec: torch.Tensor
+    coft: bool
+
+
+@dataclass
+class DoraFold:
+    """A DoRA adapter's loaded lora_B and magnitude, which strength rewrites (see :func:`_dora_strength`)."""
+
+    params: Any  # the method params (float32), for ΔW
+    lora_B: torch.Tensor
+    magnitude: torch.Tensor
+
+
 # -- state after building ----------------------------------------------------------------------------
 
 # strength of each diffadapt-managed adapter on each layer; other adapters on the layer are left as they are
@@ -282,14 +303,14 @@ def set_strength(site, s: float) -> None:
         return
     if s == 0.0:
         return  # inactive: the layer skips it (see activate)
-    if site.peft_type == "OFT":
-        if site.extra.get("coft") and abs(s) > 1:
+    if site.oft is not None:
+        if site.oft.coft and abs(s) > 1:
             raise UnsupportedError(f"{site.where}: COFT re-projects |Q| at every forward, so weight {s} "
                                    "(|w| > 1) cannot be held by peft's layer; use mode='patch'")
-        layer.oft_R[n].weight.copy_(site.extra["vec0"] if s == 1.0 else site.extra["vec"] * s)
+        layer.oft_R[n].weight.copy_(site.oft.vec0 if s == 1.0 else site.oft.vec * s)
     elif site.peft_type == "WAVEFT":
         layer.waveft_scaling[n] = site.base_scaling * s
-    elif site.extra.get("dora"):
+    elif site.dora is not None:
         if s == 1.0:
             restore_originals(site)
         else:
@@ -306,10 +327,10 @@ def _dora_strength(site, s: float) -> None:
     is read now: a later patch-mode change to the same module's weight needs the weight set again.
     """
     layer, n = site.layer, site.peft_name
-    b0, m0 = site.extra["lora_B"], site.extra["magnitude"]
+    b0, m0 = site.dora.lora_B, site.dora.magnitude
     w = layer.get_base_layer().weight.float()
     shape = w.shape
-    delta = site.extra["params"].delta(shape).to(w.device)
+    delta = site.dora.params.delta(shape).to(w.device)
     rows = (shape[0],) + (1,) * (w.dim() - 1)
     g1 = m0.float().reshape(-1) / (w + delta).flatten(1).norm(dim=1)
     g = 1 - s + s * g1
@@ -327,9 +348,9 @@ def _dora_strength(site, s: float) -> None:
 def restore_originals(site) -> None:
     """Put back the tensors strength rules rewrite (OFT skew, DoRA lora_B and magnitude)."""
     layer, n = site.layer, site.peft_name
-    if site.peft_type == "OFT":
-        layer.oft_R[n].weight.copy_(site.extra["vec0"])
-    elif site.extra.get("dora"):
-        layer.lora_B[n].weight.copy_(site.extra["lora_B"].reshape(layer.lora_B[n].weight.shape))
+    if site.oft is not None:
+        layer.oft_R[n].weight.copy_(site.oft.vec0)
+    elif site.dora is not None:
+        layer.lora_B[n].weight.copy_(site.dora.lora_B.reshape(layer.lora_B[n].weight.shape))
         mag = layer.lora_magnitude_vector[n].weight
-        mag.copy_(site.extra["magnitude"].reshape(mag.shape))
+        mag.copy_(site.dora.magnitude.reshape(mag.shape))
