@@ -222,3 +222,52 @@ def test_lora_export_is_read_by_diffusers(pipe, sources, tmp_path, origin, to, d
 
         with safe_open(str(tmp_path / dest), "pt") as f:
             assert json.loads(f.metadata()["lora_adapter_metadata"])
+
+
+def test_sdxl_kohya_export_with_ldm_names_is_read_by_diffusers(tmp_path):
+    """SDXL kohya files name UNet blocks the ldm way (``input_blocks_4_1_…``); diffusers' loader maps them back."""
+    from diffadapt.fixtures import pipeline_file
+    from diffadapt.testing import tiny_sdxl_pipeline
+
+    xl = tiny_sdxl_pipeline()
+    src = tmp_path / "src.safetensors"
+    save_file(pipeline_file(xl, components=("unet", "text_encoder", "text_encoder_2"), algo="lora",
+                            target_modules=["Transformer2DModel", "CLIPAttention", "CLIPSdpaAttention"],
+                            target_names=[]), str(src))
+    da.load(xl, src, "src")
+    try:
+        x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 7, xl.unet.config.cross_attention_dim)
+        cond = {"text_embeds": torch.randn(1, xl.text_encoder_2.config.projection_dim), "time_ids": torch.randn(1, 6)}
+        with torch.no_grad():
+            expected = [xl.unet(x, t, c, added_cond_kwargs=cond).sample, xl.text_encoder_2(IDS)[0]]
+    finally:
+        da.unload(xl)
+    dest = tmp_path / "out.safetensors"
+    da.convert(src, dest, to="kohya", model=xl)
+    assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(str(dest)))
+    reader = copy.deepcopy(xl)
+    reader.load_lora_weights(str(dest))
+    with torch.no_grad():
+        got = [reader.unet(x, t, c, added_cond_kwargs=cond).sample, reader.text_encoder_2(IDS)[0]]
+    assert max(close(a, b) for a, b in zip(got, expected)) <= TOL
+
+
+@pytest.mark.parametrize("case", ["oft", "waveft", "loha"])
+def test_peft_single_file_export_is_read_by_peft(pipe, sources, tmp_path, case):
+    """One .safetensors with ``unet.``/``text_encoder.`` keys; its metadata's ``peft_config`` holds each config."""
+    from peft import PeftConfig as Config
+    from safetensors import safe_open
+
+    src, expected = sources("peft", case)
+    dest = tmp_path / "out.safetensors"
+    da.convert(src, dest, to="peft")
+    with safe_open(str(dest), "pt") as f:
+        configs = json.loads(f.metadata()["peft_config"])
+    tensors = load_file(str(dest))
+    for comp in COMPONENTS:
+        config = Config.from_peft_type(**configs[comp])
+        model = inject_adapter_in_model(config, copy.deepcopy(getattr(pipe, comp)), adapter_name="default")
+        part = {k.removeprefix(comp + "."): v for k, v in tensors.items() if k.startswith(comp + ".")}
+        result = set_peft_model_state_dict(model, part, adapter_name="default")
+        assert not result.unexpected_keys
+        assert close(run(comp, model), expected[comp]) <= TOL, comp
