@@ -19,6 +19,7 @@ from diffadapt.cli import main as cli_main
 from diffadapt.infotext import adapter_hash, load_png, read
 from diffadapt.prompt import parse
 from diffadapt.studio import Cancelled, Request, Slot, UnsafeNameError, demo_studio
+from diffadapt.studio.launch import parser as studio_parser
 from diffadapt.testing import tiny_sd1_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,6 +231,8 @@ def test_cli_and_wrapper_help(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert e.value.code == 0 and all(f in out for f in ("--model", "--adapters", "--host", "--port", "--share", "--demo"))
     assert cli_main(["studio"]) == 2 and "--demo" in capsys.readouterr().err
+    args = studio_parser().parse_args(["--demo"])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)  # this machine only by default
     monkeypatch.setattr(sys, "argv", ["ui/studio.py", "--help"])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / "ui" / "studio.py"), run_name="__main__")

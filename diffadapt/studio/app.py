@@ -126,9 +126,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                 negative = gr.Textbox("", label="Negative prompt", elem_id="negative", interactive=True)
                 with gr.Row():
                     seed = gr.Number(0, label="Seed (-1: random)", precision=0, elem_id="seed", interactive=True)
-                    sampler = gr.Dropdown(studio.samplers, value=studio.samplers[0] if studio.samplers else None,
-                                          label="Sampler", elem_id="sampler", interactive=True)
-                    steps = gr.Slider(1, 150, value=studio.default_steps, step=1, label="Steps", elem_id="steps", interactive=True)
+                    sampler = gr.Dropdown(studio.samplers, value=studio.default_sampler, label="Sampler",
+                                          elem_id="sampler", interactive=True)
+                    steps = gr.Slider(1, 150, value=studio.default_steps, step=1, label="Steps", elem_id="steps",
+                                      interactive=True)
                     cfg = gr.Slider(1, 20, value=7.0, step=0.5, label="CFG scale", elem_id="cfg", interactive=True)
                 with gr.Row():
                     width = gr.Slider(8, 2048, value=size, step=8, label="Width", elem_id="width", interactive=True)
@@ -318,12 +319,12 @@ def add_api(studio: Studio, request) -> None:
         return str(studio.download(path)), {"name": Path(path).stem, "method": method or "svd", "rel_error": error}
 
     with gr.Column(visible=False):
-        out_json = gr.JSON()
+        out_json = gr.JSON(label="adapters")
         gr.Button("adapters", elem_id="api-adapters").click(adapters, [], [out_json], api_name="adapters")
         g_inputs = [gr.Textbox(label="prompt"), gr.Textbox(label="negative_prompt"), gr.Number(0, label="seed"),
                     gr.Number(studio.default_steps, label="steps"), gr.Number(7.0, label="cfg"),
                     gr.Number(studio.size, label="width"), gr.Number(studio.size, label="height"),
-                    gr.Textbox(studio.samplers[0] if studio.samplers else "", label="sampler")]
+                    gr.Textbox(studio.default_sampler or "", label="sampler")]
         g_outputs = [gr.Image(type="filepath", format="png", label="image"), gr.Textbox(label="infotext")]
         gr.Button("generate", elem_id="api-generate").click(generate, g_inputs, g_outputs, api_name="generate",
                                                            concurrency_limit=None)

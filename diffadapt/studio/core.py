@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 import shutil
 import tempfile
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +24,7 @@ from .. import infotext
 from ..api import read_spec
 from ..errors import DiffAdaptError
 from ..info import summarize
-from ..models import TINY_MODEL, SAMPLER_CHOICES, denoiser, make_scheduler, native_size, sampler_name, samplers_for
+from ..models import TINY_MODEL, SAMPLER_CHOICES, make_scheduler, native_size, sampler_name, samplers_for
 from ..pipeline import registry, resolve
 from ..prompt import TEXT_ENCODERS, parse
 from .grid import compose
@@ -113,7 +112,6 @@ class Studio:
         self._adapters: dict[str, _Adapter] = {}
         self._catalog: dict[str, tuple[FileBytes, dict[str, Any]]] = {}
         self._cancelled: set[str] = set()
-        self._lock = threading.RLock()
 
     @property
     def adapter_dir(self) -> Path:
@@ -122,6 +120,13 @@ class Studio:
     @property
     def samplers(self) -> list[str]:
         return samplers_for(self.pipe.scheduler)
+
+    @property
+    def default_sampler(self) -> str | None:
+        """The menu label of the pipeline's own scheduler."""
+        name, schedule = sampler_name(self.pipe.scheduler)
+        label = f"{name} {schedule}" if schedule else name
+        return label if label in self.samplers else (self.samplers[0] if self.samplers else None)
 
     # -- the folder ---------------------------------------------------------------------------------
 
