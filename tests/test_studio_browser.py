@@ -204,6 +204,11 @@ def test_compare_in_the_browser(page, server):
     page.wait_for_function("() => document.querySelectorAll('#compare-out img').length >= 2")
     with_, without = (px(page.request.get(src).body()) for src in shown(page, "#compare-out")[:2])
     assert np.array_equal(with_, direct(studio, slots={"ink": 1.0})) and np.array_equal(without, direct(studio))
+    set_number(page, "#batch", 2)
+    page.click("#generate")
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('seed 0…1')")
+    assert len(set(shown(page, "#gallery"))) >= 2  # seeds 0 and 1
+    set_number(page, "#batch", 1)
 
 
 def test_upload_and_refresh_in_the_browser(page, server, tmp_path):
