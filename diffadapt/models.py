@@ -79,7 +79,7 @@ def make_scheduler(scheduler: Any, label: str | None) -> Any:
         raise UnsupportedError(f"sampler '{label}' is not available for this model "
                                f"(choose one of {samplers_for(scheduler)})")
     choice = SAMPLER_CHOICES.get(label)
-    if choice is None:  # a flow-matching model's own sampler
+    if choice is None or type(scheduler).__name__.startswith("FlowMatch"):  # flow matching keeps its own
         return type(scheduler).from_config(scheduler.config)
     cls = getattr(diffusers, choice.scheduler)
     config = {k: v for k, v in scheduler.config.items() if k != "use_karras_sigmas"}

@@ -237,3 +237,18 @@ def test_cli_and_wrapper_help(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / "ui" / "studio.py"), run_name="__main__")
     assert e.value.code == 0 and "--demo" in capsys.readouterr().out
+
+
+def test_samplers_follow_the_scheduler():
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    from diffadapt.models import make_scheduler, sampler_name, samplers_for
+
+    flow = FlowMatchEulerDiscreteScheduler()
+    assert samplers_for(flow) == ["Euler"] and type(make_scheduler(flow, "Euler")) is FlowMatchEulerDiscreteScheduler
+    euler = EulerDiscreteScheduler()
+    karras = make_scheduler(euler, "DPM++ 2M Karras")
+    assert type(karras) is DPMSolverMultistepScheduler and sampler_name(karras) == ("DPM++ 2M", "Karras")
+    assert {"Euler", "Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(samplers_for(euler))
+    with pytest.raises(da.UnsupportedError, match="not available"):
+        make_scheduler(flow, "DDIM")
