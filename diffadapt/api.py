@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backends, io
-from .backups import check_backup
+from .backends.storage import check_backup
 from .errors import AdapterNotFoundError, DiffAdaptError
 from .info import summarize
 from .keys import build_spec

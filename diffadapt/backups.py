@@ -15,47 +15,17 @@ write per module. :func:`release` frees the copies (and ``release_on_unload=True
 copies of one load share one allocation, whose memory returns to the system once all its modules are released.
 
 Weights the process must not write — a read-only mapping, or a file mapped shared, as ``torch.load(mmap=True)``
-or safetensors map checkpoints — are detected from ``/proc/self/maps``: the first patch gives the parameter a
+or safetensors map checkpoints — are detected (``backends/storage.py``) from ``/proc/self/maps``: the first patch gives the parameter a
 private copy, and the mapped original is the backup (no second copy is made; release maps it back).
 """
 
 from __future__ import annotations
 
-import bisect
-import sys
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import nn
-
-from .errors import UnsupportedError
-
-BACKUPS = ("host", "device", "none")
-_ATTR = "_diffadapt_patch_settings"
-_ALIGN = 64  # bytes between two backups in one allocation
-
-
-@dataclass
-class Settings:
-    """Per-component patch-mode storage options (see :func:`configure`)."""
-
-    backup: str = "host"
-    release_on_unload: bool = False
-
-
-def check_backup(backup: str) -> str:
-    if backup not in BACKUPS:
-        raise UnsupportedError(f"backup={backup!r}: choose one of {list(BACKUPS)}")
-    return backup
-
-
-def settings_of(component: nn.Module | None) -> Settings:
-    found = None if component is None else component.__dict__.get(_ATTR)
-    return found if found is not None else Settings()
-
-
-# -- the verbs -----------------------------------------------------------------------------------------
+from .backends import patch
+from .backends.storage import Settings, check_backup, settings_of, store_settings
+from .pipeline import components, registry
 
 
 def configure(target: Any, *, backup: str | None = None, release_on_unload: bool | None = None) -> Settings:
@@ -65,14 +35,12 @@ def configure(target: Any, *, backup: str | None = None, release_on_unload: bool
     overrides it for one load. ``release_on_unload``: free a module's backup when its last adapter is
     unloaded (the next load copies again) instead of keeping it for a warm reload. Returns the settings.
     """
-    from .pipeline import components
-
     comps = components(target)
     current = settings_of(next(iter(comps.values()), None))
     new = Settings(backup=check_backup(backup) if backup is not None else current.backup,
                    release_on_unload=current.release_on_unload if release_on_unload is None else bool(release_on_unload))
     for comp in comps.values():
-        comp.__dict__[_ATTR] = new
+        store_settings(comp, new)
     return new
 
 
@@ -83,9 +51,6 @@ def release(target: Any, *, bake: bool = False) -> int:
     patches keep theirs, so it can be unloaded; ``bake=True`` frees those too, leaving the loaded adapters in
     the weights for good (unload, re-weighting and hotswap are then refused, as with ``backup="none"``).
     """
-    from .backends import patch
-    from .pipeline import components, registry
-
     reg = registry(target)
     with reg.lock:
         freed = 0
@@ -95,114 +60,3 @@ def release(target: Any, *, bake: bool = False) -> int:
         return freed
 
 
-# -- memory the process must not write -----------------------------------------------------------------
-
-
-class MemoryMap:
-    """The process's mappings (``/proc/self/maps``), read once, to tell writable private memory from the rest."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, int, str, str]] = []
-        if not sys.platform.startswith("linux"):
-            return
-        try:
-            with open("/proc/self/maps") as f:
-                lines = f.read().splitlines()
-        except OSError:
-            return
-        for line in lines:
-            parts = line.split(None, 5)
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            self.rows.append((lo, hi, parts[1], parts[5] if len(parts) > 5 else ""))
-        self.rows.sort()
-        self.starts = [r[0] for r in self.rows]
-
-    def writable(self, t: torch.Tensor) -> bool:
-        """Whether writing ``t`` in place stays private to this process and cannot fault.
-
-        False for a read-only mapping and for any file or shared mapping (a mapped checkpoint: writing would
-        change the file or other processes' view). Memory of unknown origin counts as writable.
-        """
-        if t.device.type != "cpu" or not self.rows or t.numel() == 0:
-            return True
-        ptr = t.untyped_storage().data_ptr()
-        i = bisect.bisect_right(self.starts, ptr) - 1
-        if i < 0 or not self.rows[i][0] <= ptr < self.rows[i][1]:
-            return True
-        _, _, perms, path = self.rows[i]
-        file_backed = bool(path) and not path.startswith("[")
-        return "w" in perms and perms[3] == "p" and not file_backed
-
-
-# -- backup buffers ------------------------------------------------------------------------------------
-
-
-@torch.inference_mode(False)  # backups are written outside inference mode later
-def allocate(likes: list[torch.Tensor], where: str) -> list[torch.Tensor]:
-    """Contiguous empty tensors shaped like ``likes``, carved from one allocation.
-
-    ``where``: "host" (CPU; pinned when the weights are on a CUDA device) or "device" (the weights' device).
-    """
-    if not likes:
-        return []
-    offsets, total = [], 0
-    for t in likes:
-        offsets.append(total)
-        total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    device = likes[0].device
-    if where == "device" and device.type != "cpu":
-        buf = torch.empty(total, dtype=torch.uint8, device=device)
-    else:
-        buf = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
-    return [buf[o:o + t.numel() * t.element_size()].view(t.dtype).view(t.shape) for o, t in zip(offsets, likes)]
-
-
-def nbytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
-
-
-class SideCopies:
-    """Copies of live weights into their backups; on CUDA issued on a side stream and waited for per module.
-
-    CPU copies run when a module is first written (``wait``), so the copy and the write share the cache.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.stream = None
-        if device.type == "cuda":
-            self.stream = torch.cuda.Stream(device=device)
-            self.stream.wait_stream(torch.cuda.current_stream(device))
-        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] = {}
-
-    @torch.inference_mode(False)
-    @torch.no_grad()
-    def start(self, key: int, backup: torch.Tensor, live: torch.Tensor) -> None:
-        event = None
-        if self.stream is not None:
-            with torch.cuda.stream(self.stream):
-                backup.copy_(live, non_blocking=True)
-                if backup.device.type == "cuda":
-                    backup.record_stream(self.stream)
-                event = torch.cuda.Event()
-                event.record(self.stream)
-        self.pending[key] = (backup, live, event)
-
-    @torch.inference_mode(False)
-    @torch.no_grad()
-    def wait(self, key: int) -> None:
-        """Before writing the live weight: its values are in the backup."""
-        item = self.pending.pop(key, None)
-        if item is None:
-            return
-        backup, live, event = item
-        if event is None:
-            backup.copy_(live)
-        else:
-            torch.cuda.current_stream(live.device).wait_event(event)
-
-    def finish(self) -> None:
-        """Every copy done (host readers of the backups may follow)."""
-        for key in list(self.pending):
-            self.wait(key)
-        if self.stream is not None:
-            self.stream.synchronize()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import diffadapt as da
-from diffadapt import backups
+from diffadapt.backends import storage
 from diffadapt.backends import patch
 from diffadapt.fixtures import pipeline_file
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline
@@ -59,13 +59,13 @@ def slots_of(module: torch.nn.Module) -> list:
 @pytest.fixture
 def allocations(monkeypatch):
     """Bytes of every backup allocation made during the test."""
-    made, allocate = [], backups.allocate
+    made, allocate = [], storage.allocate
 
     def counting(likes, where):
         made.append(sum(t.numel() * t.element_size() for t in likes))
         return allocate(likes, where)
 
-    monkeypatch.setattr(backups, "allocate", counting)
+    monkeypatch.setattr(storage, "allocate", counting)
     return made
 
 
@@ -98,7 +98,7 @@ def test_storage_stays_put_restore_is_exact_and_backups_are_reused(pipe, files, 
     assert sum(allocations) == first and pointers(pipe) == where
     da.unload(pipe)
     assert param_hashes(pipe) == base
-    held = sum(backups.nbytes(s.backup) + backups.nbytes(s.backup_bias) for s in slots_of(pipe.unet) + slots_of(pipe.text_encoder))
+    held = sum(storage.nbytes(s.backup) + storage.nbytes(s.backup_bias) for s in slots_of(pipe.unet) + slots_of(pipe.text_encoder))
     assert da.release(pipe) == held >= first and not slots_of(pipe.unet) and not slots_of(pipe.text_encoder)
     assert param_hashes(pipe) == base and pointers(pipe) == where
 

@@ -9,7 +9,7 @@ rounding error is measured and reported).
 
 Storage never moves: every write — a load, a weight change, a hotswap, an unload — goes into the parameter's
 own buffer, so compiled graphs and CUDA graphs keep their inputs. W0 is read from the slot's backup
-(``diffadapt/backups.py``: host, device or none), or from the live weight itself while that still holds W0, so
+(``backends/storage.py``: host, device or none), or from the live weight itself while that still holds W0, so
 repeated writes never accumulate error and an unload copies the originals back bit for bit. A module is
 backed up once; its slot, emptied by an unload, stays (idle) until released, so the next load is one fused
 write per module.
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import backups
-from ..backups import MemoryMap, SideCopies, check_backup, nbytes, settings_of
+from . import storage
+from .storage import MemoryMap, SideCopies, check_backup, nbytes, settings_of
 from ..compose import compose
 from ..errors import DiffAdaptError, UnsupportedError
 from ..methods.base import Params
@@ -144,12 +144,12 @@ class Slot:
             self.backup, self.mapped = _private(self.module.weight), True
             live = None
         elif self.mapped or (self.backup.dtype, self.backup.shape) != (live.dtype, live.shape):
-            self.backup, self.mapped = backups.allocate([live], self.where)[0], False
+            self.backup, self.mapped = storage.allocate([live], self.where)[0], False
         if live is not None:
             self.backup.copy_(live)
         if self.backup_bias is not None and live_bias is not None:
             if self.mapped_bias or (self.backup_bias.dtype, self.backup_bias.shape) != (live_bias.dtype, live_bias.shape):
-                self.backup_bias, self.mapped_bias = backups.allocate([live_bias], self.where)[0], False
+                self.backup_bias, self.mapped_bias = storage.allocate([live_bias], self.where)[0], False
             self.backup_bias.copy_(live_bias)
 
     def _compose(self, *, out: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -184,7 +184,7 @@ class Slot:
         """Biases change only with full/diff adapters: their originals are copied when one first arrives."""
         bias = _bias(self.module)
         if self.backup_bias is None and bias is not None:
-            self.backup_bias = backups.allocate([bias], self.where)[0].copy_(bias)
+            self.backup_bias = storage.allocate([bias], self.where)[0].copy_(bias)
 
     def restore(self) -> None:
         """The originals back into the live weight and bias (nothing applied)."""
@@ -273,7 +273,7 @@ def _new_slots(modules: list[nn.Module], backup: str) -> tuple[list[Slot], list[
     for device, group in groups.items():
         lives = [s.module.weight.data for s in group]
         side = SideCopies(device)
-        for slot, buf, live in zip(group, backups.allocate(lives, group[0].where), lives):
+        for slot, buf, live in zip(group, storage.allocate(lives, group[0].where), lives):
             slot.backup, slot.copies = buf, side
             side.start(id(slot), buf, live)
         copies.append(side)
