@@ -30,7 +30,7 @@ Targets (LoRA): first load ≤ 0.5 × and warm load ≤ 0.15 × diffusers load +
 the touched bytes; new device storage 0; inject-mode load ≤ 0.30 × diffusers load. The machine may be shared:
 run it under ``flock /tmp/heavy.lock`` and read the per-round ratios printed beside the medians.
 
-Run: ``python bench/load.py [--repeats N] [--quick] [--threads N] [--device cpu|cuda]``.
+Run: ``python bench/load.py [--repeats N] [--quick] [--threads N] [--device cpu|cuda] [--lora-only]``.
 """
 
 from __future__ import annotations
@@ -238,7 +238,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice); 1 gives "
                     "steadier numbers on a machine shared with other jobs")
     ap.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda); default cpu")
+    ap.add_argument("--lora-only", action="store_true", help="only the LoRA case (the one with targets)")
     args = ap.parse_args()
+    for key in [k for k in CASES if args.lora_only and k != "lora"]:
+        del CASES[key]
     repeats = 1 if args.quick else args.repeats
     if args.threads:
         torch.set_num_threads(args.threads)
