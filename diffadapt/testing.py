@@ -37,18 +37,29 @@ from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 __all__ = [
     "tiny_sd1_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_dit_pipeline",
+    "tiny_flux_pipeline",
     "sd15_unet",
     "sd15_text_encoder",
     "sdxl_unet",
@@ -169,6 +180,36 @@ def _clip_config(*, hidden: int, projection: int, pad_token: str = _EOS) -> CLIP
     )
 
 
+@functools.cache
+def _t5_vocab() -> list[tuple[str, float]]:
+    """A SentencePiece-style unigram vocabulary: T5's special ids first, whole words, then single characters."""
+    import string
+
+    chars = sorted(set(string.printable) - set(string.whitespace))
+    return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *(("\u2581" + w, -1.0) for w in _WORDS),
+            ("\u2581", -2.0), *((c, -5.0) for c in chars)]
+
+
+def _t5_tokenizer(*, max_length: int = 512) -> T5TokenizerFast:
+    """A T5 tokenizer (``</s>`` appended, ``<pad>`` = 0) built in code from :func:`_t5_vocab`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.Unigram(_t5_vocab(), unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def _t5_config(*, d_model: int) -> T5Config:
+    return T5Config(vocab_size=len(_t5_vocab()), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                    is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+                    decoder_start_token_id=0)
+
+
 # --------------------------------------------------------------------------- tiny pipelines
 
 _SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
@@ -265,6 +306,32 @@ def tiny_dit_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, devi
         text_encoder=text_encoder, tokenizer=_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer(),
         text_encoder_3=None, tokenizer_3=None,
     ))
+
+
+def tiny_flux_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> FluxPipeline:
+    """Flux-dev-shaped pipeline: CLIP-L-like ``text_encoder``, T5 ``text_encoder_2``, guidance embedding.
+
+    Two double-stream and two single-stream blocks (width 16, 2 heads of 8), so the fused projections of
+    Flux files (``img_attn.qkv`` → ``to_q/k/v``, single ``linear1`` → ``to_q/k/v`` + ``proj_mlp`` of width 64)
+    are exercised on every block kind. The VAE has 4 latent channels (16 after Flux's 2×2 packing).
+    Default image 16×16; pass ``max_sequence_length`` (≤ 512) to shorten the T5 stream.
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+
+    transformer = build("transformer", lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    ))
+    text_encoder = build("text_encoder", lambda: CLIPTextModel(_clip_config(hidden=32, projection=32)))
+    text_encoder_2 = build("text_encoder_2", lambda: T5EncoderModel(_t5_config(d_model=32)))
+    vae = build("vae", lambda: AutoencoderKL(**_tiny_vae(
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+        tokenizer=_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=_t5_tokenizer(), transformer=transformer,
+    )
+    pipe.default_sample_size = 8  # the pipeline's default image is default_sample_size × vae scale factor
+    return _finish(pipe)
 
 
 # --------------------------------------------------------------------------- real-size models

@@ -1,0 +1,40 @@
+"""The DiT-era tiny pipelines: right classes, deterministic, runnable."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from diffadapt.testing import generate, param_hashes, tiny_flux_pipeline
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_flux_pipeline()
+
+
+def test_flux_pipeline_shape(flux):
+    assert type(flux) is FluxPipeline
+    assert type(flux.text_encoder_2).__name__ == "T5EncoderModel"
+    names = dict(flux.transformer.named_modules())
+    # the modules Flux files fuse: qkv of both streams, and the single blocks' linear1
+    for n in ("transformer_blocks.1.attn.add_v_proj", "single_transformer_blocks.1.proj_mlp",
+              "time_text_embed.guidance_embedder.linear_1", "norm_out.linear"):
+        assert n in names
+    assert names["single_transformer_blocks.0.proj_mlp"].out_features == 4 * names["single_transformer_blocks.0.attn.to_q"].out_features
+
+
+def test_flux_deterministic_and_runs(flux):
+    assert param_hashes(flux) == param_hashes(tiny_flux_pipeline())
+    img = generate(flux, steps=2, max_sequence_length=16)
+    assert img.shape == (1, 16, 16, 3) and np.isfinite(img).all()
+    np.testing.assert_array_equal(img, generate(flux, steps=2, max_sequence_length=16))
+    other = tiny_flux_pipeline(seed=1)
+    assert all(a != b for k, (a, b) in enumerate(zip(param_hashes(flux.transformer).values(),
+                                                         param_hashes(other.transformer).values())))
+
+
+def test_flux_t5_tokenizer_pads_and_ends(flux):
+    ids = flux.tokenizer_2("a photo of a cat", padding="max_length", max_length=8).input_ids
+    assert ids[-1] == 0 and 1 in ids and 2 not in ids  # </s> appended, <pad> = 0, no unknowns
+    assert torch.is_tensor(flux.text_encoder_2(torch.tensor([ids])).last_hidden_state)
