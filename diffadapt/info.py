@@ -16,7 +16,10 @@ _CROSS_K = re.compile(r"attn2[._]to_k$")
 
 
 def guess_family(spec: AdapterSpec) -> str:
-    """sd1 | sd2 | sdxl | dit | unknown, from component names, block names and tensor widths."""
+    """sd1 | sd2 | sdxl | flux | sd3 | wan | qwen | dit (a DiT the names do not tell) | unknown: the family the
+    key names identify (``keys/dit.py``), else component names, block names and tensor widths."""
+    if spec.family:
+        return spec.family
     comps = {p.component for p in spec.patches}
     keys = [p.module_key for p in spec.patches]
     if "transformer" in comps or any(_DIT.search(k) for k in keys):

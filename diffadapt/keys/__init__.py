@@ -12,7 +12,7 @@ import torch
 from ..errors import FormatError, NonFiniteError
 from ..methods import ALL_SUFFIXES, ParseContext, detect
 from ..spec import COMPONENTS, AdapterSpec, ModuleGroup, ModulePatch, RawAdapter
-from . import kohya, peft
+from . import dit, kohya, peft
 from .diffusers import rewrite_legacy
 from .index import ModuleIndex
 
@@ -36,6 +36,9 @@ def classify(module: str) -> tuple[str, str, bool, str]:
             component, rest = hit
             return component, rest, False, "lycoris" if component == ANY else "kohya"
         return ANY, module, False, "kohya"
+    hit = dit.split_dotted_prefix(module)
+    if hit:
+        return hit[0], hit[1], True, "diffusers"
     head, _, rest = module.partition(".")
     component = ANY
     if head in COMPONENTS:
@@ -84,7 +87,13 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
         raise FormatError(f"{raw.source}: no tensors")
     patches = []
     configs = configs_of(raw)
-    for g in split(raw, configs):
+    groups = split(raw, configs)
+    family = dit.family_of_keys(g.module_key for g in groups)
+    layout = None
+    if family is not None:
+        layout = dit.layout_name(family, groups, list(raw.tensors))
+        dit.translate(groups, family)
+    for g in groups:
         suffix0, key0 = next(iter(g.keys.items()))
         # the module part of the key as written in the file (legacy diffusers keys are shown whole)
         first_key = key0[: -len(suffix0) - 1] if key0.endswith("." + suffix0) else key0
@@ -101,8 +110,9 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
         params = method.parse(g.tensors, ParseContext(where=where, fmt=g.fmt, config=g.config))
         patches.append(
             ModulePatch(component=g.component, module_key=g.module_key, method=method.name, params=params,
-                        fmt=g.fmt, dotted=g.dotted, original_key=first_key)
+                        fmt=g.fmt, dotted=g.dotted, original_key=first_key, fused=g.fused)
         )
     fmts = Counter(p.fmt for p in patches)
     fmt = fmts.most_common(1)[0][0]
-    return AdapterSpec(patches=patches, fmt=fmt, source=raw.source, metadata=raw.metadata, configs=configs)
+    return AdapterSpec(patches=patches, fmt=fmt, source=raw.source, metadata=raw.metadata, configs=configs,
+                       family=family, layout=layout)

@@ -61,3 +61,11 @@ METHOD = MethodDef(
     markers=frozenset({"diff"}),
     parse=parse,
 )
+
+
+# -- fused projections (keys/fused.py): the rows of ΔW one model module takes ------------------------
+
+
+def take_rows(p: FullParams, rows: torch.Tensor, shape: torch.Size, *, where: str) -> FullParams:
+    """ΔW and Δb are stored whole: their rows are the module's."""
+    return FullParams(diff=p.diff[rows], diff_b=None if p.diff_b is None else p.diff_b.reshape(-1)[rows])

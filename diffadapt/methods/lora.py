@@ -136,6 +136,8 @@ def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> LoRAParams:
         alpha = float(cfg.get("lora_alpha", cfg.get("alpha", r)))
         if cfg.get("use_rslora"):
             alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha/√r; store the alpha/r-equivalent
+        if "alpha" in t:  # a per-module alpha tensor (kohya-style trainers writing diffusers names) wins
+            alpha = scalar(t["alpha"], where=ctx.where)
         mag = t.get("lora_magnitude_vector", t.get("lora_magnitude_vector.weight"))
         return LoRAParams(down=down, up=up, alpha_value=alpha, magnitude=mag, dora_on_out=True, dora_eps=0.0)
 
@@ -176,3 +178,21 @@ METHOD = MethodDef(
     parse=parse,
     peft_type="LORA",
 )
+
+
+# -- fused projections (keys/fused.py): the rows of ΔW one model module takes ------------------------
+
+
+def take_rows(p: LoRAParams, rows: torch.Tensor, shape: torch.Size, *, where: str) -> LoRAParams:
+    """ΔW[rows] = s·up[rows] @ (mid) @ down: the down factor (and a Tucker core) is shared, ``up`` is sliced.
+    DoRA on output rows normalises each row alone, so its magnitude is sliced too; on input columns the norm
+    mixes every fused module's rows and cannot be split."""
+    if p.magnitude is not None and not p.dora_on_out:
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"{where}: DoRA normalised over input columns (old layout) spans all the fused "
+                               "modules' rows; it cannot be split into them")
+    import dataclasses
+
+    mag = None if p.magnitude is None else p.magnitude[rows]
+    return dataclasses.replace(p, up=p.up[rows], magnitude=mag)
