@@ -57,24 +57,33 @@ def lora_file(model, family: str, layout: str, *, rank: int = 4, alpha: float | 
     return sd
 
 
-def reference_weights(model, family: str, deltas: dict[str, torch.Tensor], *, swap_continuous: bool = True):
-    """W + ΔW per diffusers module from whole-matrix deltas of native modules, sliced by rows as the model
-    stacks them; AdaLayerNormContinuous targets get diffusers' own swap_scale_shift of the (shift, scale) rows."""
+def reference_weights(model, family: str, changes: dict, *, xlabs: bool = False) -> dict[str, torch.Tensor]:
+    """The adapted weight of every diffusers module, from whole-matrix references of the native modules.
+
+    ``changes[native]`` is a ΔW of the whole (stacked) native module, or a function W → W' on it. The native
+    module's weight is its targets' weights stacked in row order; a target diffusers builds as
+    AdaLayerNormContinuous holds (scale, shift) where the native module has (shift, scale), converted with
+    diffusers' own ``swap_scale_shift``.
+    """
     mods = dict(model.named_modules())
-    table = {**native_modules(model, family), **native_modules(model, family, xlabs=True)}
+    table = native_modules(model, family, xlabs=xlabs)
     out = {}
-    for native, delta in deltas.items():
+    for native, change in changes.items():
         targets = table[native]
-        start = 0
+        ws, swapped = [], []
         for t in targets:
             w = mods[t].weight.detach()
-            d = delta[start:start + w.shape[0]].reshape(w.shape)
+            flip = type(mods[t.rpartition(".")[0]]).__name__ == "AdaLayerNormContinuous"
+            ws.append(swap_scale_shift(w) if flip else w)
+            swapped.append(flip)
+        whole = torch.cat([w.flatten(1) for w in ws])
+        new = change(whole) if callable(change) else whole + change.flatten(1)
+        start = 0
+        for t, w, flip in zip(targets, ws, swapped):
+            part = new[start:start + w.shape[0]].reshape(w.shape)
             start += w.shape[0]
-            parent = t.rpartition(".")[0]
-            if swap_continuous and type(mods[parent]).__name__ == "AdaLayerNormContinuous":
-                d = swap_scale_shift(d)
-            out[t] = w + d
-        assert start == delta.shape[0], native
+            out[t] = swap_scale_shift(part) if flip else part
+        assert start == new.shape[0], native
     return out
 
 
@@ -88,3 +97,58 @@ def effective_weights(model) -> dict[str, torch.Tensor]:
         if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)):
             out[name] = base.weight.detach().clone()
     return out
+
+
+def method_file(model, family: str, layout: str, method: str, *, only: str | None = None, seed: int = 0,
+                lokr_c: int = 8, oft_block: int = 8):
+    """(LyCORIS-style tensors on native names, {native: whole-matrix reference}) for one method.
+
+    References come from LyCORIS' functional forms (``make_weight``, ``make_kron``, ``get_r``) or plain math
+    on the whole native module — never from the split that is under test.
+    """
+    from lycoris.functional import diag_oft, lokr, loha
+
+    name = PREFIX[layout][0]
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    sd, changes = {}, {}
+    for native, targets in native_modules(model, family, only=only).items():
+        out, (inn,) = shapes(model, targets)
+        k, r, alpha = name(native), 4, 2.0
+        if method in ("lora", "dora"):
+            down, up = rnd(r, inn), rnd(out, r)
+            sd |= {f"{k}.lora_down.weight": down, f"{k}.lora_up.weight": up, f"{k}.alpha": torch.tensor(alpha)}
+            delta = alpha / r * up @ down
+            if method == "lora":
+                changes[native] = delta
+            else:
+                m = 1 + rnd(out, 1) * 0.1
+                sd[f"{k}.dora_scale"] = m
+                eps = torch.finfo(torch.float32).eps
+                changes[native] = lambda w, d=delta, m=m, e=eps: m * (w + d) / ((w + d).norm(dim=1, keepdim=True) + e)
+        elif method == "loha":
+            t = {f"hada_w{i}_{ab}": rnd(*((out, r) if ab == "a" else (r, inn))) for i in (1, 2) for ab in "ab"}
+            sd |= {f"{k}.{s}": v for s, v in t.items()} | {f"{k}.alpha": torch.tensor(alpha)}
+            changes[native] = loha.make_weight(t["hada_w1_b"], t["hada_w1_a"], t["hada_w2_b"], t["hada_w2_a"],
+                                               torch.tensor(alpha / r))
+        elif method == "lokr":
+            c = lokr_c(out) if callable(lokr_c) else lokr_c
+            a, d, b = out // c, 8, inn // 8
+            w1, w2a, w2b = rnd(a, b), rnd(c, r), rnd(r, d)
+            sd |= {f"{k}.lokr_w1": w1, f"{k}.lokr_w2_a": w2a, f"{k}.lokr_w2_b": w2b, f"{k}.alpha": torch.tensor(alpha)}
+            changes[native] = lokr.make_kron(w1, w2a @ w2b, alpha / r)
+        elif method == "full":
+            diff = rnd(out, inn)
+            sd |= {f"{k}.diff": diff}
+            changes[native] = diff
+        elif method == "oft":
+            b = oft_block
+            blocks = rnd(out // b, b, b)
+            constraint = 1e-3  # small enough that LyCORIS' norm clamp acts
+            sd |= {f"{k}.oft_blocks": blocks, f"{k}.alpha": torch.tensor(constraint)}
+            rot = diag_oft.get_r(blocks, constraint=constraint * out)
+            changes[native] = lambda w, rot=rot, b=b: torch.einsum(
+                "knm,kn...->km...", rot, w.reshape(-1, b, w.shape[1])).reshape(w.shape)
+        else:
+            raise ValueError(method)
+    return sd, changes
