@@ -11,11 +11,10 @@ from configs written below and filled from a seeded ``torch.Generator``:
   one tensor at a time, so even the real-size UNets build in seconds and never
   hold two copies of their weights.
 
-Tiny pipelines (SD1, SDXL, SD3-style DiT) build in a fraction of a second and
-run a 2-step generation in well under a second on CPU.  Real-size builders
-(:func:`sd15_unet`, :func:`sd15_text_encoder`, :func:`sdxl_unet`) use the exact
-published configs; pass ``device="meta"`` to get the architecture without
-allocating any weights (e.g. to count parameters).
+Tiny pipelines (SD1, SDXL, SD3-style DiT, Flux, Wan, Qwen-Image) build in a fraction of a second and
+run a 2-step generation in well under a second on CPU.  Real-size builders live in
+:mod:`diffadapt.architectures` (:func:`sd15_unet`, :func:`sd15_text_encoder`, :func:`sdxl_unet` are
+re-exported here); pass ``device="meta"`` to get an architecture without allocating any weights.
 """
 
 from __future__ import annotations
@@ -27,25 +26,33 @@ import json
 import math
 import shutil
 import tempfile
-import zlib
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     FluxPipeline,
     FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    WanPipeline,
+    WanTransformer3DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from .architectures import _build, sd15_text_encoder, sd15_unet, sdxl_unet  # noqa: F401  (re-exported)
 from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -60,50 +67,14 @@ __all__ = [
     "tiny_sdxl_pipeline",
     "tiny_dit_pipeline",
     "tiny_flux_pipeline",
+    "tiny_wan_pipeline",
+    "tiny_qwen_image_pipeline",
     "sd15_unet",
     "sd15_text_encoder",
     "sdxl_unet",
     "generate",
     "param_hashes",
 ]
-
-# --------------------------------------------------------------------------- weights
-
-
-def _component_seed(seed: int, name: str) -> int:
-    """Independent stream per component, so resizing one leaves the others' weights unchanged."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
-
-
-def _build(name: str, factory, *, seed: int, dtype: torch.dtype, device) -> torch.nn.Module:
-    """Construct ``factory()`` (the component called ``name``) with meta parameters, then fill them deterministically.
-
-    Weights (ndim >= 2) get a uniform fill with variance ``1 / fan_in`` so
-    activations stay O(1) through deep stacks; norm scales are ~1 and other
-    1-D tensors (biases) small but non-zero, so adapters that touch biases or
-    norms are observable.  Buffers (position ids, sin-cos tables) are computed
-    normally by the constructor.  ``device="meta"`` skips materialisation.
-    """
-    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
-        model = factory()
-    model.eval()
-    if torch.device(device).type == "meta":
-        return torch.nn.Module.to(model, dtype)  # ModelMixin.to warns about fp32 modules on any dtype cast
-    gen = torch.Generator().manual_seed(_component_seed(seed, name))
-    for full_name, param in list(model.named_parameters()):
-        value = torch.empty(param.shape, dtype=torch.float32)
-        if param.ndim >= 2:
-            bound = math.sqrt(3.0 / (param.numel() // param.shape[0]))
-            value.uniform_(-bound, bound, generator=gen)
-        elif full_name.endswith("weight"):
-            value.uniform_(0.9, 1.1, generator=gen)
-        else:
-            value.uniform_(-0.02, 0.02, generator=gen)
-        owner_name, _, attr = full_name.rpartition(".")
-        value = value.to(device=device, dtype=dtype)
-        model.get_submodule(owner_name)._parameters[attr] = torch.nn.Parameter(value, param.requires_grad)
-    return model.to(device)
-
 
 # --------------------------------------------------------------------------- tokenizer
 
@@ -334,45 +305,71 @@ def tiny_flux_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, dev
     return _finish(pipe)
 
 
-# --------------------------------------------------------------------------- real-size models
+def tiny_wan_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> WanPipeline:
+    """Wan-2.1-shaped text-to-video pipeline: T5 text encoder, 3-D VAE, two Wan blocks (2 heads of 12).
 
-_SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, center_input_sample=False,
-)
-_SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
-)
-_SD15_TEXT = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-    bos_token_id=0, eos_token_id=2, pad_token_id=1,
-)
+    Pass ``height=16, width=16, num_frames=5`` to generate (the pipeline's defaults are Wan's real sizes).
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+
+    transformer = build("transformer", lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ))
+    text_encoder = build("text_encoder", lambda: T5EncoderModel(_t5_config(d_model=32)))
+    vae = build("vae", lambda: AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                                temperal_downsample=[False, True, True]))
+    return _finish(WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
+                               scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0)))
 
 
-def sd15_unet(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> UNet2DConditionModel:
-    """Stable Diffusion 1.5 UNet (859,520,964 parameters) with random weights, for benchmarks."""
-    return _build("unet", lambda: UNet2DConditionModel(**_SD15_UNET), seed=seed, dtype=dtype, device=device)
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def sd15_text_encoder(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> CLIPTextModel:
-    """SD1.5 text encoder (CLIP ViT-L/14 text tower, 123,060,480 parameters) with random weights."""
-    return _build("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**_SD15_TEXT)), seed=seed, dtype=dtype,
-                  device=device)
+def _qwen_tokenizer() -> Qwen2Tokenizer:
+    """Byte-level BPE over the 256 byte symbols plus Qwen's chat markers (the pipeline's prompt template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(_QWEN_SPECIALS))
+    return Qwen2Tokenizer(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                          bos_token=None)
 
 
-def sdxl_unet(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> UNet2DConditionModel:
-    """SDXL base UNet (2,567,463,684 parameters); use ``device="meta"`` to inspect it without ~10 GB of RAM."""
-    return _build("unet", lambda: UNet2DConditionModel(**_SDXL_UNET), seed=seed, dtype=dtype, device=device)
+def tiny_qwen_image_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32,
+                             device="cpu") -> QwenImagePipeline:
+    """Qwen-Image-shaped pipeline: a two-layer Qwen2.5-VL text encoder (width 16), two Qwen-Image blocks.
+
+    Default image 16×16.
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+    tokenizer = _qwen_tokenizer()
+    n = len(tokenizer)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=n, rope_theta=1e6,
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                         bos_token_id=None, eos_token_id=n - 1, pad_token_id=n - 3),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=n, vision_start_token_id=n, image_token_id=n, video_token_id=n,
+        vision_end_token_id=n,
+    )
+    transformer = build("transformer", lambda: QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    ))
+    text_encoder = build("text_encoder", lambda: Qwen2_5_VLForConditionalGeneration(config))
+    vae = build("vae", lambda: AutoencoderKLQwenImage(base_dim=4 * 6, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                                      temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                                      latents_std=[1.0] * 4))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer)
+    pipe.default_sample_size = 4  # default image: 4 × vae scale factor (4) = 16
+    return _finish(pipe)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -106,12 +106,10 @@ def test_flux_text_encoders_clip_l_and_t5(flux, layout, mode):
 
 
 def test_flux_clip_l_matches_diffusers(flux):
-    """alpha = r: diffusers 0.42 drops the text-encoder alphas of Flux kohya files (scale 1 whatever alpha says);
-    the whole-matrix test above covers alpha ≠ r."""
-    sd, _ = te_file(flux.text_encoder, LAYOUT_TE["kohya"][0], seed=4, alpha=2.0)
+    sd, _ = te_file(flux.text_encoder, LAYOUT_TE["kohya"][0], seed=4, alpha=1.0)
     sd |= lora_file(flux.transformer, "flux", "kohya", only="img_mlp")
     ref = copy.deepcopy(flux)
-    ref.load_lora_weights(dict(sd))
+    ref.load_lora_weights({k: v.clone() for k, v in sd.items()})  # diffusers scales some tensors in place
     ref.fuse_lora(components=["transformer", "text_encoder"])
     theirs = effective_weights(ref.text_encoder)
     pipe = copy.deepcopy(flux)
@@ -146,7 +144,7 @@ def test_oldest_diffusers_text_encoder_keys_match_diffusers():
             sd[f"{k}.down.weight"] = torch.randn(4, width, generator=g) * 0.2
             sd[f"{k}.up.weight"] = torch.randn(width, 4, generator=g) * 0.2
     ref = copy.deepcopy(base_pipe)
-    ref.load_lora_weights(dict(sd))
+    ref.load_lora_weights({k: v.clone() for k, v in sd.items()})  # diffusers scales some tensors in place
     ref.fuse_lora()
     theirs = effective_weights(ref.text_encoder)
     base = effective_weights(base_pipe.text_encoder)
