@@ -15,10 +15,10 @@ import zlib
 import torch
 from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 __all__ = ["sd15_unet", "sd15_text_encoder", "sdxl_unet", "flux_dev_transformer", "sd35_large_transformer",
-           "sd35_medium_transformer"]
+           "sd35_medium_transformer", "t5_xxl_encoder"]
 
 # --------------------------------------------------------------------------- weights
 
@@ -133,3 +133,14 @@ def sd35_medium_transformer(*, seed: int = 0, dtype: torch.dtype = torch.bfloat1
     """Stable Diffusion 3.5 Medium MMDiT-X (24 joint blocks, width 1536, dual attention in the first 13)."""
     return _build("transformer", lambda: SD3Transformer2DModel(**{**_SD35_MEDIUM, **overrides}), seed=seed,
                   dtype=dtype, device=device)
+
+
+_T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+               use_cache=False, dropout_rate=0.0)
+
+
+def t5_xxl_encoder(*, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu") -> T5EncoderModel:
+    """The T5-XXL v1.1 encoder of Flux and SD3 (4,762,310,656 parameters); ``device="meta"`` for names and shapes."""
+    return _build("text_encoder_3", lambda: T5EncoderModel(T5Config(**_T5_XXL)), seed=seed, dtype=dtype,
+                  device=device)

@@ -81,6 +81,17 @@ def architecture(family: str):
         return SimpleNamespace(components={"unet": sdxl_unet(device="meta"),
                                            "text_encoder": sd15_text_encoder(device="meta"),  # CLIP ViT-L, as SD1.5
                                            "text_encoder_2": _bigg_text_encoder()})
+    if family in ("flux", "sd3"):
+        from .architectures import flux_dev_transformer, sd35_large_transformer, t5_xxl_encoder
+
+        if family == "flux":
+            return SimpleNamespace(components={"transformer": flux_dev_transformer(device="meta"),
+                                               "text_encoder": sd15_text_encoder(device="meta"),
+                                               "text_encoder_2": t5_xxl_encoder(device="meta")})
+        return SimpleNamespace(components={"transformer": sd35_large_transformer(device="meta"),
+                                           "text_encoder": sd15_text_encoder(device="meta"),
+                                           "text_encoder_2": _bigg_text_encoder(),
+                                           "text_encoder_3": t5_xxl_encoder(device="meta")})
     return None
 
 
@@ -99,7 +110,7 @@ def _model(model: Any):
     if isinstance(model, str):
         arch = architecture(model)
         if arch is None:
-            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl); "
+            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl, flux, sd3); "
                                  "pass a pipeline or module")
         return arch
     return model
@@ -188,7 +199,8 @@ def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None,
     sub = AdapterSpec(patches=kept, fmt=spec.fmt, source=spec.source, metadata=spec.metadata, configs=spec.configs)
     target = _model(model) if model is not None else None
     family = pipeline_family(target) if target is not None else guess_family(spec)
-    if target is None and to == "peft" and any(not p.dotted for p in kept):
+    # kohya names need the module tree for PEFT output; fused modules (Flux qkv …) need it for any output
+    if target is None and ((to == "peft" and any(not p.dotted for p in kept)) or any(p.fused for p in kept)):
         target = architecture(family)
         if target is None:
             raise DiffAdaptError(

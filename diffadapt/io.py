@@ -190,5 +190,11 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     """Write contiguous CPU tensors with string metadata (safetensors allows only str → str)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    clean, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        if v.untyped_storage().data_ptr() in seen:  # split fused modules share factors; safetensors refuses aliases
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        clean[k] = v
     save_file(clean, str(path), metadata={k: str(v) for k, v in metadata.items()})

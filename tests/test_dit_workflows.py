@@ -1,0 +1,93 @@
+"""Mixing, hotswap, save and convert on Flux files with fused projections."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import diffadapt as da
+from diffadapt.testing import param_hashes, tiny_flux_pipeline
+from dit_files import effective_weights, lora_file, method_file, native_modules, reference_weights
+from test_dit_layouts import check, lora_deltas
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_flux_pipeline()
+
+
+def test_mix_hotswap_weights_on_fused_modules(flux):
+    pipe = copy.deepcopy(flux)
+    before, base = param_hashes(pipe), effective_weights(pipe.transformer)
+    a = lora_file(pipe.transformer, "flux", "kohya", seed=1)
+    b, changes_b = method_file(pipe.transformer, "flux", "bfl", "loha", only=r"qkv|linear1")
+    da.load(pipe, dict(a), name="a")
+    da.load(pipe, dict(b), name="b")
+    da.set_weights(pipe, {"a": 0.5, "b": 0.0})
+    ref = reference_weights(flux.transformer, "flux",
+                            {k: 0.5 * v for k, v in lora_deltas(pipe.transformer, "kohya", a).items()})
+    check(pipe, ref, base)
+    c = lora_file(pipe.transformer, "flux", "bfl", seed=2)
+    da.hotswap(pipe, "a", dict(c))  # same name, new file in another layout; weight 0.5 stays
+    ref = reference_weights(flux.transformer, "flux",
+                            {k: 0.5 * v for k, v in lora_deltas(pipe.transformer, "bfl", c).items()})
+    check(pipe, ref, base)
+    da.unload(pipe)
+    assert param_hashes(pipe) == before
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "peft"])
+def test_save_and_reload(flux, fmt, tmp_path):
+    """kohya: lora_transformer_<diffusers name> (the split modules); peft: diffusers names. Both reload exactly."""
+    pipe = copy.deepcopy(flux)
+    base = effective_weights(pipe.transformer)
+    sd = lora_file(pipe.transformer, "flux", "kohya", seed=3)
+    ref = reference_weights(pipe.transformer, "flux", lora_deltas(pipe.transformer, "kohya", sd))
+    da.load(pipe, dict(sd), name="a")
+    dest = tmp_path / ("a.safetensors" if fmt == "kohya" else "a")
+    paths = da.save(pipe, "a", dest, format=fmt)
+    keys = set(load_file(paths[0])) if fmt == "kohya" else None
+    if keys is not None:
+        assert "lora_transformer_single_transformer_blocks_0_proj_mlp.lora_up.weight" in keys
+    da.unload(pipe)
+    info = da.load(pipe, dest, name="b")
+    assert info.modules == len(ref)
+    check(pipe, ref, base)
+
+
+def test_inspect_reports_family_layout_alphas(flux):
+    sd = lora_file(flux.transformer, "flux", "bfl_ab", alpha=8.0, rank=4)
+    info = da.inspect(sd)
+    assert (info.base_family, info.alphas, info.ranks) == ("flux", {8.0: info.modules}, {4: info.modules})
+    assert info.modules == len(native_modules(flux.transformer, "flux"))
+
+
+def test_convert_flux_kohya_to_peft_without_a_model(tmp_path):
+    """Names resolve against the meta-device Flux-dev architecture: fused qkv/linear1 become diffusers' modules."""
+    from diffadapt.architectures import flux_dev_transformer
+
+    meta = flux_dev_transformer(device="meta", num_layers=1, num_single_layers=1)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for native, targets in native_modules(meta, "flux").items():
+        mods = dict(meta.named_modules())
+        out, inn = sum(mods[t].weight.shape[0] for t in targets), mods[targets[0]].weight.shape[1]
+        k = "lora_unet_" + native.replace(".", "_")
+        sd |= {f"{k}.lora_down.weight": torch.randn(2, inn, generator=g), f"{k}.lora_up.weight": torch.randn(out, 2, generator=g),
+               f"{k}.alpha": torch.tensor(1.0)}
+    src = tmp_path / "flux.safetensors"
+    from safetensors.torch import save_file
+    save_file(sd, src)
+    paths = da.convert(src, tmp_path / "out.safetensors", to="peft")
+    keys = set(load_file(paths[0]))
+    assert "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight" in keys
+    assert "transformer.norm_out.linear.lora_A.weight" in keys
+    out = load_file(paths[0])
+    k_up = out["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"]
+    k_down = out["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"]
+    whole = 0.5 * sd["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"] @ sd[
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
+    assert (k_up @ k_down * 1.0 / 2 - whole[3072:6144]).abs().max() < 1e-5  # lora_alpha 1, r 2 in the config
