@@ -177,3 +177,35 @@ def test_unsplittable_method_is_refused_by_name(flux):
     with pytest.raises(da.UnsupportedError, match=r"lora_unet_double_blocks_0_img_attn_qkv.*to_q.*BOFT"):
         da.load(pipe, sd)
     assert param_hashes(pipe) == before
+
+
+def _peft_params(config):
+    """A PEFT adapter on a Linear(16, 48) (a stacked q/k/v), parsed by diffadapt, with peft's layer as reference."""
+    from diffadapt.fixtures import peft_file
+    from diffadapt.keys import build_spec
+    from diffadapt.spec import RawAdapter
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 48))
+    sd, ref = peft_file(model, config, seed=5, std=0.2)
+    spec = build_spec(RawAdapter(tensors=sd, configs={"": config.to_dict()}))
+    return spec.patches[0].params, ref, model[0].weight.detach()
+
+
+@pytest.mark.parametrize("kind", ["peft_oft", "waveft"])
+def test_peft_only_methods_split_rows_like_peft(kind):
+    """PEFT OFT rotates inputs (every row keeps R); WaveFT becomes the exact rows of ΔW. Reference: peft's layer."""
+    from peft import OFTConfig, WaveFTConfig
+
+    from diffadapt.keys.fused import TAKE_ROWS
+
+    config = (OFTConfig(target_modules=["0"], oft_block_size=4, r=0) if kind == "peft_oft"
+              else WaveFTConfig(target_modules=["0"], n_frequency=64))
+    params, ref, w = _peft_params(config)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(x) - torch.nn.functional.linear(x, torch.zeros_like(w), ref[0].base_layer.bias)
+    for start, stop in ((0, 16), (16, 32), (32, 48)):
+        rows = torch.arange(start, stop)
+        part = TAKE_ROWS[type(params)](params, rows, w.shape, where="x")
+        got = torch.nn.functional.linear(x, part.apply(w[rows].float(), 1.0))
+        assert (got - want[:, start:stop]).abs().max() <= TOL
