@@ -35,12 +35,14 @@ def _build(name: str, factory, *, seed: int, dtype: torch.dtype, device) -> torc
     activations stay O(1) through deep stacks; norm scales are ~1 and other
     1-D tensors (biases) small but non-zero, so adapters that touch biases or
     norms are observable.  Buffers (position ids, sin-cos tables) are computed
-    normally by the constructor.  ``device="meta"`` skips materialisation.
+    normally by the constructor.  ``device="meta"`` skips materialisation, buffers included.
     """
-    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=False):
+    meta = torch.device(device).type == "meta"
+    # on meta, buffers too (SD3.5's sin-cos position table alone is 0.9 GB); otherwise computed as usual
+    with torch.random.fork_rng(devices=[]), init_empty_weights(include_buffers=meta):
         model = factory()
     model.eval()
-    if torch.device(device).type == "meta":
+    if meta:
         return torch.nn.Module.to(model, dtype)  # ModelMixin.to warns about fp32 modules on any dtype cast
     gen = torch.Generator().manual_seed(_component_seed(seed, name))
     for full_name, param in list(model.named_parameters()):
@@ -123,14 +125,15 @@ def flux_dev_transformer(*, seed: int = 0, dtype: torch.dtype = torch.bfloat16, 
 
 def sd35_large_transformer(*, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu",
                            **overrides) -> SD3Transformer2DModel:
-    """Stable Diffusion 3.5 Large MMDiT (38 joint blocks, width 2432, RMS q/k norms)."""
+    """Stable Diffusion 3.5 Large MMDiT (8,056,627,520 parameters; 38 joint blocks, width 2432, RMS q/k norms)."""
     return _build("transformer", lambda: SD3Transformer2DModel(**{**_SD35_LARGE, **overrides}), seed=seed,
                   dtype=dtype, device=device)
 
 
 def sd35_medium_transformer(*, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu",
                             **overrides) -> SD3Transformer2DModel:
-    """Stable Diffusion 3.5 Medium MMDiT-X (24 joint blocks, width 1536, dual attention in the first 13)."""
+    """Stable Diffusion 3.5 Medium MMDiT-X (2,243,171,520 parameters; 24 joint blocks, width 1536, dual
+    attention in the first 13)."""
     return _build("transformer", lambda: SD3Transformer2DModel(**{**_SD35_MEDIUM, **overrides}), seed=seed,
                   dtype=dtype, device=device)
 
@@ -141,6 +144,6 @@ _T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=2
 
 
 def t5_xxl_encoder(*, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu") -> T5EncoderModel:
-    """The T5-XXL v1.1 encoder of Flux and SD3 (4,762,310,656 parameters); ``device="meta"`` for names and shapes."""
+    """The T5-XXL v1.1 encoder of Flux and SD3 (4,893,906,944 parameters); ``device="meta"`` for names and shapes."""
     return _build("text_encoder_3", lambda: T5EncoderModel(T5Config(**_T5_XXL)), seed=seed, dtype=dtype,
                   device=device)
