@@ -10,7 +10,8 @@ import torch
 
 from .spec import AdapterInfo, AdapterSpec
 
-_DIT = re.compile(r"single_transformer_blocks|context_embedder|x_embedder|add_k_proj|ff_context|joint_blocks|double_blocks")
+_DIT = re.compile(r"single_transformer_blocks|context_embedder|x_embedder|add_k_proj|ff_context|joint_blocks|double_blocks"
+                  r"|final_layer|adaLN_modulation|(^|_)(txt_in|img_in)")
 _SDXL = re.compile(r"^(input_blocks|output_blocks|middle_block|label_emb)|add_embedding")
 _CROSS_K = re.compile(r"attn2[._]to_k$")
 

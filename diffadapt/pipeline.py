@@ -112,7 +112,10 @@ def resolve(target: Any, spec: AdapterSpec, *, strict: bool = True) -> list[Targ
     missing: dict[str, list[ModulePatch]] = defaultdict(list)
     clashes: list[ShapeError] = []
     seen: dict[tuple[str, str], str] = {}
-    for patch in spec.patches:
+    patches = spec.patches
+    if spec.family is None and (fam := model_family(target)) in dit.TABLES:
+        patches = dit.translate_patches(patches, fam)  # names several families share: the model decides
+    for patch in patches:
         hits, clash = None, None
         for comp in _candidates(patch.component, comps):
             try:

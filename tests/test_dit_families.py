@@ -31,6 +31,8 @@ def sd3_deltas(model, sd):
     out = {}
     for native in native_modules(model, "sd3"):
         k = "lora_unet_" + native.replace(".", "_")
+        if f"{k}.lora_down.weight" not in sd:
+            continue
         d, u = sd[f"{k}.lora_down.weight"], sd[f"{k}.lora_up.weight"]
         out[native] = float(sd[f"{k}.alpha"]) / d.shape[0] * u.flatten(1) @ d.flatten(1)
     return out
@@ -193,3 +195,17 @@ def test_fused_module_of_wrong_width_is_a_shape_error(flux):
     with pytest.raises(da.ShapeError, match=r"lora_unet_double_blocks_0_img_attn_qkv.*to_q \(16\) \+ .*to_v \(16\)"):
         da.load(pipe, sd)
     assert param_hashes(pipe) == before
+
+
+def test_names_shared_by_families_follow_the_model(flux, sd3):
+    """'final_layer.linear' / 'context_embedder' exist in Flux and SD3 files alike: the model decides."""
+    for pipe, family in ((flux, "flux"), (sd3, "sd3")):
+        pipe = copy.deepcopy(pipe)
+        sd = lora_file(pipe.transformer, family, "kohya", only=r"^final_layer|^context_embedder|^txt_in")
+        assert da.inspect(dict(sd)).base_family == "dit"
+        deltas = {n: d for n, d in sd3_or_flux_deltas(pipe.transformer, family, sd).items()}
+        load_unload(pipe, sd, reference_weights(pipe.transformer, family, deltas), mode="patch")
+
+
+def sd3_or_flux_deltas(model, family, sd):
+    return sd3_deltas(model, sd) if family == "sd3" else lora_deltas(model, "kohya", sd)

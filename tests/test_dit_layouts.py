@@ -41,6 +41,8 @@ def lora_deltas(model, layout, sd, family="flux"):
     out = {}
     for native in native_modules(model, family, xlabs=layout == "xlabs"):
         k = name(native)
+        if f"{k}.{dn}" not in sd:
+            continue
         d, u = sd[f"{k}.{dn}"], sd[f"{k}.{up}"]
         a = float(sd[f"{k}.alpha"]) if f"{k}.alpha" in sd else d.shape[0]
         out[native] = a / d.shape[0] * u.flatten(1) @ d.flatten(1)

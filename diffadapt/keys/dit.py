@@ -218,3 +218,22 @@ def translate(groups: list[ModuleGroup], family: str) -> int:
             g.module_key = targets[0]
         n += 1
     return n
+
+
+def translate_patches(patches: list, family: str) -> list:
+    """Native names of ``family`` in already-built patches (when only the model tells the family: a file whose
+    keys are all shared by several families, e.g. ``lora_unet_final_layer_linear``)."""
+    import dataclasses
+
+    out = []
+    for p in patches:
+        hit = match(family, p.module_key) if p.component in ("transformer", "unet", "*") and p.fused is None else None
+        if hit is None:
+            out.append(p)
+            continue
+        rule, i = hit
+        targets = tuple(t.replace("{i}", i) for t in rule.targets)
+        fused = Fused(modules=targets, native_modulation=rule.modulation) if len(targets) > 1 or rule.modulation \
+            else None
+        out.append(dataclasses.replace(p, component="transformer", module_key=targets[0], dotted=True, fused=fused))
+    return out
