@@ -94,3 +94,28 @@ def test_wan_file_on_qwen_names_both(wan, qwen):
     with pytest.raises(da.KeyMappingError, match=r"Wan musubi-tuner layout.*transformer.*Wan; the model is Qwen-Image"):
         da.load(pipe, sd)
     assert param_hashes(pipe) == before
+
+
+def test_wan_lora_with_bias_deltas_matches_diffusers(wan):
+    """ComfyUI-format Wan files carry 'diff_b' beside a LoRA (diffusers: lora_B.bias); Δb is added as written."""
+    sd = lora_file(wan.transformer, "wan", "bfl", alpha=2.0, only=r"^blocks\.\{i\}\.(self|cross)_attn")
+    g = torch.Generator().manual_seed(9)
+    for k in [k for k in sd if k.endswith(".lora_up.weight")]:
+        sd[k.replace(".lora_up.weight", ".diff_b")] = torch.randn(sd[k].shape[0], generator=g) * 0.1
+    ref = copy.deepcopy(wan)
+    ref.load_lora_weights({k: v.clone() for k, v in sd.items()})
+    ref.fuse_lora()
+    pipe = copy.deepcopy(wan)
+    before = param_hashes(pipe)
+    da.load(pipe, dict(sd), name="x")
+    ours = dict(pipe.transformer.named_parameters())
+    theirs = {k.replace(".base_layer", ""): v for k, v in ref.transformer.named_parameters()}
+    biases = [k for k in ours if k.endswith(".bias") and ("attn1" in k or "attn2" in k) and "norm" not in k]
+    base = dict(wan.transformer.named_parameters())
+    assert biases and all(not torch.equal(ours[k], base[k]) for k in biases)
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in biases) <= 1e-6
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours if k.endswith("weight")) <= 1e-5
+    with pytest.raises(da.UnsupportedError, match="diff_b"):
+        da.load(copy.deepcopy(wan), dict(sd), name="y", mode="inject")
+    da.unload(pipe)
+    assert param_hashes(pipe) == before

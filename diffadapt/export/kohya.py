@@ -48,6 +48,8 @@ def kohya_tensors(params: Any, *, ndim: int | None, where: str) -> dict[str, tor
         t["alpha"] = _scalar(params.alpha)
         if params.magnitude is not None:
             t["dora_scale"] = _dora(params.magnitude, on_out=params.dora_on_out, ndim=ndim or params.up.dim())
+        if params.bias is not None:
+            t["diff_b"] = params.bias
         return t
     if isinstance(params, LoHaParams):
         t = {"hada_w1_a": params.w1_a, "hada_w1_b": params.w1_b, "hada_w2_a": params.w2_a, "hada_w2_b": params.w2_b}

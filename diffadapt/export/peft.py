@@ -74,6 +74,8 @@ def _fail(where: str, reason: str) -> UnsupportedError:
 
 
 def _lora(p: LoRAParams, kind, shape, where, inject) -> PeftEntry:
+    if p.bias is not None:
+        raise _fail(where, "a LoRA with a bias delta ('diff_b'); peft's lora_bias scales it with the LoRA")
     if p.magnitude is not None and not p.dora_on_out:
         raise _fail(where, "DoRA normalised over the input axis (older LyCORIS/kohya files); peft's DoRA "
                            "normalises each output row")

@@ -100,12 +100,16 @@ class LoRAParams(DoRA, AlphaOverRank, Params):
     magnitude: torch.Tensor | None = None  # DoRA m; (out,…) or (1, in,…)
     dora_on_out: bool = True
     dora_eps: float = 0.0
+    bias: torch.Tensor | None = None  # Δb written beside the LoRA ('diff_b', ComfyUI / Wan trainers); not scaled
 
     additive: ClassVar[bool] = True
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.reshape(-1)
 
     def _in_numel(self) -> int:
         if self.mid is None:
@@ -115,6 +119,8 @@ class LoRAParams(DoRA, AlphaOverRank, Params):
     def check(self, shape: torch.Size, *, where: str) -> None:
         expect_fit(self.up.shape[0], self._in_numel(), shape, where=where, what=f"LoRA (rank {self.rank})")
         self.check_magnitude(shape, where=where)
+        if self.bias is not None and self.bias.numel() != shape[0]:
+            raise ShapeError(f"{where}: 'diff_b' has {self.bias.numel()} values, the module has {shape[0]} outputs")
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
         return reshape_to(lora_delta(self.up, self.down, self.mid, self.scale), shape)
@@ -163,6 +169,7 @@ def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> LoRAParams:
         magnitude=mag,
         dora_on_out=on_out,
         dora_eps=torch.finfo(torch.float32).eps,
+        bias=t.get("diff_b"),
     )
 
 
@@ -171,7 +178,7 @@ METHOD = MethodDef(
     suffixes=frozenset(
         {
             "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
-            "lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight",
+            "lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight", "diff_b",
         }
     ),
     markers=frozenset({"lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight"}),
@@ -195,4 +202,5 @@ def take_rows(p: LoRAParams, rows: torch.Tensor, shape: torch.Size, *, where: st
     import dataclasses
 
     mag = None if p.magnitude is None else p.magnitude[rows]
-    return dataclasses.replace(p, up=p.up[rows], magnitude=mag)
+    bias = None if p.bias is None else p.bias.reshape(-1)[rows]
+    return dataclasses.replace(p, up=p.up[rows], magnitude=mag, bias=bias)
