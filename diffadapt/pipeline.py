@@ -72,6 +72,12 @@ def _candidates(component: str, comps: dict[str, nn.Module]) -> list[str]:
     return []
 
 
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer with a learnt scale (LayerNorm, GroupNorm, RMSNorm …): full diffs may move it."""
+    w = getattr(module, "weight", None)
+    return "Norm" in type(module).__name__ and isinstance(w, torch.Tensor) and w.dim() == 1
+
+
 def _is_t5(module: nn.Module | None) -> bool:
     return module is not None and type(module).__name__.startswith(("T5", "UMT5"))
 
@@ -86,8 +92,9 @@ def _place(patch: ModulePatch, comp: str, index: ModuleIndex, root: nn.Module, s
     label = f"{comp + '.' if comp else ''}"
     where = f"{source}: '{patch.original_key}' → {label}{names[0] if len(names) == 1 else names}"
     for module in modules:
-        if not isinstance(module, PATCHABLE):
-            raise ShapeError(f"{where}: a {type(module).__name__} cannot be adapted (Linear and Conv only)")
+        if not isinstance(module, PATCHABLE) and not (_is_norm(module) and patch.method == "full"):
+            raise ShapeError(f"{where}: a {type(module).__name__} cannot be adapted (Linear and Conv; norm "
+                             "scales only by a full diff)")
     if patch.fused is None:
         patch.params.check(modules[0].weight.shape, where=where)
         return [Target(patch=patch, component=comp, module_name=names[0], module=modules[0], root=root)]

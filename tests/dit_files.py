@@ -30,7 +30,7 @@ def native_modules(model, family: str, *, xlabs: bool = False, only: str | None 
             continue
         for i in range(64) if "{i}" in rule.native else [""]:
             targets = [t.replace("{i}", str(i)) for t in rule.targets]
-            if all(t in mods for t in targets):
+            if all(t in mods for t in targets) and mods[targets[0]].weight.dim() >= 2:  # norm scales aside
                 out[rule.native.replace("{i}", str(i))] = targets
     return out
 

@@ -119,3 +119,31 @@ def test_wan_lora_with_bias_deltas_matches_diffusers(wan):
         da.load(copy.deepcopy(wan), dict(sd), name="y", mode="inject")
     da.unload(pipe)
     assert param_hashes(pipe) == before
+
+
+def test_wan_comfyui_norm_and_bias_diffs(wan):
+    """Distillation LoRAs for Wan (ComfyUI format) also move norm scales ('norm3.diff', 'self_attn.norm_q.diff')
+    and lone biases ('ffn.0.diff_b'): W + diff, b + diff_b; diffusers skips the norm diffs."""
+    pipe = copy.deepcopy(wan)
+    mods = dict(pipe.transformer.named_modules())
+    g = torch.Generator().manual_seed(11)
+    sd, want = {}, {}
+    for i in range(2):
+        for native, name in ((f"blocks.{i}.norm3", f"blocks.{i}.norm2"),
+                             (f"blocks.{i}.self_attn.norm_q", f"blocks.{i}.attn1.norm_q"),
+                             (f"blocks.{i}.cross_attn.norm_k", f"blocks.{i}.attn2.norm_k")):
+            d = torch.randn(mods[name].weight.shape, generator=g) * 0.1
+            sd[f"diffusion_model.{native}.diff"] = d
+            want[f"{name}.weight"] = mods[name].weight.detach() + d
+        b = torch.randn(mods[f"blocks.{i}.ffn.net.0.proj"].bias.shape, generator=g) * 0.1
+        sd[f"diffusion_model.blocks.{i}.ffn.0.diff_b"] = b
+        want[f"blocks.{i}.ffn.net.0.proj.bias"] = mods[f"blocks.{i}.ffn.net.0.proj"].bias.detach() + b
+    before = param_hashes(pipe)
+    info = da.load(pipe, sd, name="x")
+    assert info.methods == {"full": 8} and info.base_family == "wan"  # 2 blocks × (3 norms + 1 bias)
+    params = dict(pipe.transformer.named_parameters())
+    assert max((params[k] - v).abs().max().item() for k, v in want.items()) <= 1e-6
+    changed = {k for k, h in param_hashes(pipe).items() if h != before[k]}
+    assert changed == {f"transformer.{k}" for k in want}
+    da.unload(pipe)
+    assert param_hashes(pipe) == before

@@ -67,7 +67,8 @@ def kohya_tensors(params: Any, *, ndim: int | None, where: str) -> dict[str, tor
             t["rescale"] = params.rescale.reshape(-1, *[1] * ((ndim or 2) - 1))
         return t
     if isinstance(params, FullParams):
-        return {"diff": params.diff} | ({"diff_b": params.diff_b} if params.diff_b is not None else {})
+        return ({"diff": params.diff} if params.diff is not None else {}) | (
+            {"diff_b": params.diff_b} if params.diff_b is not None else {})
     if isinstance(params, PeftOFTParams):
         raise UnsupportedError(f"{where}: PEFT OFT rotates the input side; LyCORIS OFT (the only OFT kohya files "
                                "hold) rotates the output side — save it in PEFT format")

@@ -10,7 +10,7 @@ from collections import Counter
 import torch
 
 from ..errors import FormatError, NonFiniteError
-from ..methods import ALL_SUFFIXES, ParseContext, detect
+from ..methods import ALL_SUFFIXES, BY_NAME, ParseContext, detect, full
 from ..spec import COMPONENTS, AdapterSpec, ModuleGroup, ModulePatch, RawAdapter
 from . import dit, kohya, peft
 from .diffusers import rewrite_legacy
@@ -103,11 +103,13 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
                 # a finite sum proves every value finite; only a non-finite sum needs the full scan
                 if t.is_floating_point() and not torch.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
                     raise NonFiniteError(f"{raw.source}: tensor '{g.keys[suffix]}' has NaN or Inf values")
-        method = detect(set(g.tensors), where=where)
+        bias_only = set(g.tensors) == {"diff_b"}  # ComfyUI-format Wan files: a bias trained alone
+        method = BY_NAME["full"] if bias_only else detect(set(g.tensors), where=where)
         unknown = set(g.tensors) - method.suffixes
         if unknown:
             raise FormatError(f"{where}: keys {sorted(g.keys[s] for s in unknown)} do not belong to {method.name}")
-        params = method.parse(g.tensors, ParseContext(where=where, fmt=g.fmt, config=g.config))
+        parse = full.parse_bias if bias_only else method.parse
+        params = parse(g.tensors, ParseContext(where=where, fmt=g.fmt, config=g.config))
         patches.append(
             ModulePatch(component=g.component, module_key=g.module_key, method=method.name, params=params,
                         fmt=g.fmt, dotted=g.dotted, original_key=first_key, fused=g.fused)

@@ -114,6 +114,10 @@ WAN: tuple[Rule, ...] = (
     *(R(f"{_W}.cross_attn.{o}", f"{_W}.attn2.{d}") for o, d in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))),
     R(f"{_W}.cross_attn.k_img", f"{_W}.attn2.add_k_proj"),
     R(f"{_W}.cross_attn.v_img", f"{_W}.attn2.add_v_proj"),
+    *(R(f"{_W}.{a}.norm_{n}", f"{_W}.attn{i}.norm_{n}") for a, i in (("self_attn", 1), ("cross_attn", 2))
+      for n in "qk"),
+    R(f"{_W}.cross_attn.norm_k_img", f"{_W}.attn2.norm_added_k"),
+    R(f"{_W}.norm3", f"{_W}.norm2"),  # the cross-attention norm (Wan's norm1/norm2 have no scale)
     R(f"{_W}.ffn.0", f"{_W}.ffn.net.0.proj"),
     R(f"{_W}.ffn.2", f"{_W}.ffn.net.2"),
     R("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
