@@ -81,4 +81,5 @@ def summarize(spec: AdapterSpec, *, name: str | None = None) -> AdapterInfo:
         base_family=guess_family(spec),
         trigger_words=trigger_words(spec.metadata),
         metadata=dict(spec.metadata),
+        layout=spec.layout,
     )

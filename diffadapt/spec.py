@@ -103,6 +103,7 @@ class AdapterInfo:
     weight: Any = 1.0
     mode: str | None = None
     enabled: bool = True
+    layout: str | None = None  # DiT files: how the file names modules ("Flux kohya", "Wan ComfyUI" …)
 
     def summary(self) -> str:
         def fmt(d):
@@ -110,7 +111,7 @@ class AdapterInfo:
 
         lines = [
             f"source      {self.source}",
-            f"format      {self.format}",
+            f"format      {self.format}" + (f" ({self.layout} layout)" if self.layout else ""),
             f"base        {self.base_family}",
             f"methods     {fmt(self.methods)}",
             f"components  {fmt(self.components)}",

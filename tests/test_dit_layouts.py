@@ -92,6 +92,7 @@ def test_flux_lora_layouts_whole_matrix(flux, layout, mode):
     assert info.base_family == "flux" and info.components == {"transformer": len(native_modules(
         pipe.transformer, "flux", xlabs=layout == "xlabs"))}
     assert info.alphas == ({4.0: info.modules} if layout == "xlabs" else {2.0: info.modules})  # no alpha: = r
+    assert info.layout == LAYOUTS[layout] and f"({LAYOUTS[layout]} layout)" in info.summary()
 
 
 @pytest.mark.parametrize("layout", ["kohya", "bfl", "xlabs"])
