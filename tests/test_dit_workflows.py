@@ -91,3 +91,23 @@ def test_convert_flux_kohya_to_peft_without_a_model(tmp_path):
     whole = 0.5 * sd["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"] @ sd[
         "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]
     assert (k_up @ k_down * 1.0 / 2 - whole[3072:6144]).abs().max() < 1e-5  # lora_alpha 1, r 2 in the config
+
+
+def test_hotswap_fused_flux_files_under_compile(flux):
+    """Patch-mode swaps write the split q/k/v rows in place: the compiled transformer never recompiles."""
+    import numpy as np
+
+    from diffadapt.testing import generate
+
+    pipe, eager = copy.deepcopy(flux), copy.deepcopy(flux)
+    a = lora_file(pipe.transformer, "flux", "kohya", seed=1)
+    b = lora_file(pipe.transformer, "flux", "bfl", seed=2)
+    da.load(pipe, dict(a), name="s")
+    pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
+    generate(pipe, steps=1, max_sequence_length=16)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        da.hotswap(pipe, "s", dict(b))
+        da.set_weights(pipe, {"s": 0.5})
+        got = generate(pipe, steps=1, max_sequence_length=16)
+    da.load(eager, dict(b), name="s", weight=0.5)
+    np.testing.assert_allclose(got, generate(eager, steps=1, max_sequence_length=16), atol=1e-5)
