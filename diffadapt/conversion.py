@@ -32,7 +32,7 @@ from .export.peft_files import write_peft
 from .info import guess_family
 from .io import write_safetensors
 from .keys.kohya import diffusers_to_ldm
-from .pipeline import Target, components, pipeline_family, registry, resolve
+from .pipeline import Target, components, model_family, registry, resolve
 from .spec import AdapterSpec, RawAdapter
 
 FORMATS = ("kohya", "peft")
@@ -198,7 +198,7 @@ def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None,
     kept = [p for p in spec.patches if not excluded(p, patterns)]
     sub = AdapterSpec(patches=kept, fmt=spec.fmt, source=spec.source, metadata=spec.metadata, configs=spec.configs)
     target = _model(model) if model is not None else None
-    family = pipeline_family(target) if target is not None else guess_family(spec)
+    family = model_family(target) if target is not None else guess_family(spec)
     # kohya names need the module tree for PEFT output; fused modules (Flux qkv …) need it for any output
     if target is None and ((to == "peft" and any(not p.dotted for p in kept)) or any(p.fused for p in kept)):
         target = architecture(family)
@@ -230,7 +230,7 @@ def save(target: Any, name: str, path: str | os.PathLike, *, format: str = "kohy
     if loaded is None:
         raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(registry(target).adapters)})")
     bare = isinstance(target, nn.Module)
-    family = guess_family(loaded.spec) if bare else pipeline_family(target)
+    family = guess_family(loaded.spec) if bare else model_family(target)
     return _write(_items_from_targets(loaded.targets), dest, to=format, family=family, dtype=dtype,
                   metadata=loaded.spec.metadata, where=f"adapter '{name}'", single_file=single_file,
                   to_ldm=None if bare else _to_ldm(target, family))

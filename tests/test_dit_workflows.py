@@ -46,15 +46,18 @@ def test_save_and_reload(flux, fmt, tmp_path):
     base = effective_weights(pipe.transformer)
     sd = lora_file(pipe.transformer, "flux", "kohya", seed=3)
     ref = reference_weights(pipe.transformer, "flux", lora_deltas(pipe.transformer, "kohya", sd))
-    da.load(pipe, dict(sd), name="a")
+    t5 = {"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.randn(2, 32),
+          "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.randn(32, 2)}
+    da.load(pipe, {**sd, **t5}, name="a")
     dest = tmp_path / ("a.safetensors" if fmt == "kohya" else "a")
     paths = da.save(pipe, "a", dest, format=fmt)
     keys = set(load_file(paths[0])) if fmt == "kohya" else None
     if keys is not None:
         assert "lora_transformer_single_transformer_blocks_0_proj_mlp.lora_up.weight" in keys
+        assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight" in keys  # T5, as sd-scripts
     da.unload(pipe)
     info = da.load(pipe, dest, name="b")
-    assert info.modules == len(ref)
+    assert info.modules == len(ref) + 1
     check(pipe, ref, base)
 
 

@@ -18,7 +18,9 @@ from typing import Any, Callable
 import torch
 
 from ..errors import UnsupportedError
-from ..keys.kohya import COMPONENT_PREFIX, SDXL_COMPONENT_PREFIX, diffusers_to_ldm, is_ldm_unet_name
+from ..keys.kohya import (
+    COMPONENT_PREFIX, FLUX_COMPONENT_PREFIX, SDXL_COMPONENT_PREFIX, diffusers_to_ldm, is_ldm_unet_name,
+)
 from ..methods.full import FullParams
 from ..methods.loha import LoHaParams
 from ..methods.lokr import LoKrParams
@@ -129,7 +131,8 @@ def sdxl_ldm(flat: str) -> str | None:
 def kohya_key(item: Item, *, family: str, bare_prefix: str = "lycoris_",
               to_ldm: Callable[[str], str | None] | None = None) -> str:
     """The kohya module key (without suffix) of one item."""
-    table = SDXL_COMPONENT_PREFIX if family in ("sdxl", "dit", "flux", "sd3") else COMPONENT_PREFIX
+    table = FLUX_COMPONENT_PREFIX if family == "flux" else \
+        SDXL_COMPONENT_PREFIX if family in ("sdxl", "dit", "sd3") else COMPONENT_PREFIX
     prefix = table.get(item.component, bare_prefix)
     flat = item.module.replace(".", "_") if item.dotted else item.module
     if (item.component in TEXT_ENCODERS or prefix.startswith("lora_te")) and flat.startswith("encoder_layers_"):
