@@ -48,7 +48,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from .architectures import _build, sd15_text_encoder, sd15_unet, sdxl_unet  # noqa: F401  (re-exported)
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -61,6 +60,8 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+from .architectures import _build, sd15_text_encoder, sd15_unet, sdxl_unet  # noqa: F401  (real-size: re-exported)
 
 __all__ = [
     "tiny_sd1_pipeline",
