@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import diffadapt as da
-from diffadapt.testing import param_hashes, tiny_dit_pipeline, tiny_flux_pipeline, tiny_sd1_pipeline
+from diffadapt.testing import param_hashes, tiny_dit_pipeline, tiny_flux_pipeline, tiny_sd1_pipeline, tiny_wan_pipeline
 from dit_files import effective_weights, lora_file, method_file, native_modules, reference_weights
 from test_dit_layouts import check, load_unload, lora_deltas
 
@@ -20,6 +20,11 @@ from test_dit_layouts import check, load_unload, lora_deltas
 def sd3():
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     return tiny_dit_pipeline()
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return tiny_wan_pipeline()
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +57,21 @@ def test_sd3_kohya_every_module(sd3, mode):
     assert da.inspect(dict(sd)).summary().count("sd3") == 1
 
 
-@pytest.mark.parametrize("method", ["loha", "lokr", "full"])
-def test_sd3_methods_on_fused_qkv(sd3, method):
-    pipe = copy.deepcopy(sd3)
-    sd, changes = method_file(pipe.transformer, "sd3", "kohya", method, only=r"attn\.qkv|adaLN")
-    load_unload(pipe, sd, reference_weights(pipe.transformer, "sd3", changes), mode="patch")
+FAMILY_METHODS = {  # family → (fixture, layout spelling, native modules to adapt)
+    "sd3": ("sd3", "kohya", r"attn\.qkv|adaLN"),  # fused qkv, modulations (last block: halves exchanged)
+    "wan": ("wan", "bfl", r"self_attn\.[qo]$|cross_attn\.v$|ffn\.2"),  # ComfyUI names
+}
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "loha", "lokr", "full", "oft"])
+@pytest.mark.parametrize("family", list(FAMILY_METHODS))
+def test_methods_on_native_names(request, family, method):
+    fixture, layout, only = FAMILY_METHODS[family]
+    base = request.getfixturevalue(fixture)
+    pipe = copy.deepcopy(base)
+    sd, changes = method_file(pipe.transformer, family, layout, method, only=only)
+    assert sd
+    load_unload(pipe, sd, reference_weights(pipe.transformer, family, changes), mode="patch")
 
 
 def te_file(module, key, *, seed=0, rank=2, alpha=1.0):
