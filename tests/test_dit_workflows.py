@@ -96,16 +96,20 @@ def test_convert_flux_kohya_to_peft_without_a_model(tmp_path):
     assert (k_up @ k_down * 1.0 / 2 - whole[3072:6144]).abs().max() < 1e-5  # lora_alpha 1, r 2 in the config
 
 
-def test_hotswap_fused_flux_files_under_compile(flux):
-    """Patch-mode swaps write the split q/k/v rows in place: the compiled transformer never recompiles."""
+@pytest.mark.parametrize("mode", ["patch", "inject"])
+def test_hotswap_fused_flux_files_under_compile(flux, mode):
+    """Swaps between Flux layouts (rank 4 → 2) on the split q/k/v rows: the compiled transformer never recompiles
+    (patch: in-place writes; inject: prepare_hotswap's padded layers)."""
     import numpy as np
 
     from diffadapt.testing import generate
 
     pipe, eager = copy.deepcopy(flux), copy.deepcopy(flux)
     a = lora_file(pipe.transformer, "flux", "kohya", seed=1)
-    b = lora_file(pipe.transformer, "flux", "bfl", seed=2)
-    da.load(pipe, dict(a), name="s")
+    b = lora_file(pipe.transformer, "flux", "bfl", seed=2, rank=2)
+    da.load(pipe, dict(a), name="s", mode=mode)
+    if mode == "inject":
+        da.prepare_hotswap(pipe, max_rank=8)
     pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
     generate(pipe, steps=1, max_sequence_length=16)
     with torch._dynamo.config.patch(error_on_recompile=True):
