@@ -224,3 +224,27 @@ def test_names_shared_by_families_follow_the_model(flux, sd3):
 
 def sd3_or_flux_deltas(model, family, sd):
     return sd3_deltas(model, sd) if family == "sd3" else lora_deltas(model, "kohya", sd)
+
+
+def test_sd35_medium_dual_attention_and_qk_norms():
+    """SD3.5 Medium's MMDiT-X blocks: x_block.attn2.qkv (fused) → attn2.to_q/k/v, on a bare transformer."""
+    from diffusers import SD3Transformer2DModel
+
+    from diffadapt.architectures import _build
+
+    model = _build("transformer", lambda: SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,)), seed=0, dtype=torch.float32,
+        device="cpu")
+    sd = lora_file(model, "sd3", "kohya", alpha=2.0, only=r"x_block\.attn2|x_block\.attn\.qkv")
+    assert "lora_unet_joint_blocks_0_x_block_attn2_qkv.lora_up.weight" in sd
+    ref = reference_weights(model, "sd3", sd3_deltas(model, sd))
+    before = param_hashes(model)
+    base = effective_weights(model)
+    da.load(model, dict(sd), name="x")
+    ours = effective_weights(model)
+    assert max((ours[k] - v).abs().max().item() for k, v in ref.items()) <= 1e-5
+    assert all(torch.equal(ours[k], base[k]) for k in base if k not in ref)
+    da.unload(model)
+    assert param_hashes(model) == before
