@@ -13,7 +13,7 @@ import torch
 import diffadapt as da
 from diffadapt.testing import param_hashes, tiny_dit_pipeline, tiny_flux_pipeline, tiny_sd1_pipeline, tiny_wan_pipeline
 from dit_files import effective_weights, lora_file, method_file, native_modules, reference_weights
-from test_dit_layouts import check, load_unload, lora_deltas
+from test_dit_layouts import load_unload, lora_deltas
 
 
 @pytest.fixture(scope="module")
