@@ -118,3 +118,21 @@ def test_hotswap_fused_flux_files_under_compile(flux, mode):
         got = generate(pipe, steps=1, max_sequence_length=16)
     da.load(eager, dict(b), name="s", weight=0.5)
     np.testing.assert_allclose(got, generate(eager, steps=1, max_sequence_length=16), atol=1e-5)
+
+
+def test_saved_kohya_flux_file_is_read_by_diffusers(flux, tmp_path):
+    """The kohya file diffadapt writes for Flux (lora_transformer_<diffusers name>) is a layout diffusers' Flux
+    loader reads (its "mixture" branch, which maps the attention modules of the blocks): same weights after its
+    load + fuse."""
+    pipe = copy.deepcopy(flux)
+    sd = lora_file(pipe.transformer, "flux", "kohya", seed=4, only=r"_attn\.")
+    da.load(pipe, dict(sd), name="a")
+    path = da.save(pipe, "a", tmp_path / "a.safetensors", format="kohya")[0]
+    ref = copy.deepcopy(flux)
+    ref.load_lora_weights(path)
+    ref.fuse_lora()
+    ours, theirs = effective_weights(pipe.transformer), effective_weights(ref.transformer)
+    base = effective_weights(flux.transformer)
+    changed = [k for k in ours if not torch.equal(ours[k], base[k])]
+    assert len(changed) == 2 * 8  # per double block: q, k, v, out; add_q, add_k, add_v, add_out
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
