@@ -138,6 +138,21 @@ def _items_from_targets(targets: list[Target]) -> list[Item]:
                  kind=module_kind(t.module), shape=tuple(t.module.weight.shape)) for t in targets]
 
 
+def _native_items(loaded) -> list[Item] | None:
+    """A DiT adapter read from native names (Flux BFL, SD3 MMDiT, Wan) goes back to kohya under those names —
+    fused modules whole (``double_blocks_0_img_attn_qkv``), as sd-scripts / musubi-tuner write them; text
+    encoders as usual. None when any denoiser module came from diffusers or XLabs names."""
+    from .keys.dit import native_kohya_names
+
+    names = native_kohya_names(loaded.spec.patches)
+    if names is None:
+        return None
+    resolved = {t.patch.original_key for t in loaded.targets}  # strict=False may have left some out
+    items = [Item(component="unet", module=names[id(p)], dotted=False, params=p.params)
+             for p in loaded.spec.patches if id(p) in names and p.original_key in resolved]
+    return items + [i for i in _items_from_targets(loaded.targets) if i.component not in ("transformer", "unet")]
+
+
 def _file_ndim(raw: RawAdapter | None, patch) -> int | None:
     """A kohya module's weight rank, read off the file's own shaped tensors (LyCORIS writes rescale and
     dora_scale as (out, 1, …)); params keep them flat, and a file written back must keep the shapes."""
@@ -200,7 +215,17 @@ def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None,
     sub = AdapterSpec(patches=kept, fmt=spec.fmt, source=spec.source, metadata=spec.metadata, configs=spec.configs)
     target = _model(model) if model is not None else None
     family = model_family(target) if target is not None else guess_family(spec)
-    # kohya names need the module tree for PEFT output; fused modules (Flux qkv …) need it for any output
+    # kohya names need the module tree for PEFT output; fused modules (Flux qkv …) need it unless they go back
+    # to kohya under their native names (sd-scripts / musubi-tuner), which needs no model
+    from .keys.dit import native_kohya_names
+
+    native = native_kohya_names(kept) if to == "kohya" and model is None else None
+    if native:
+        items = [Item(component="unet", module=native[id(p)], dotted=False, params=p.params, ndim=_file_ndim(raw, p))
+                 for p in kept if id(p) in native]
+        rest = AdapterSpec(patches=[p for p in kept if id(p) not in native], fmt=spec.fmt, source=spec.source)
+        return _write(items + _items_from_spec(rest, raw), path, to=to, family=family, dtype=dtype,
+                      metadata=spec.metadata, where=spec.source, single_file=single_file, to_ldm=None)
     if target is None and ((to == "peft" and any(not p.dotted for p in kept)) or any(p.fused for p in kept)):
         target = architecture(family)
         if target is None:
@@ -232,7 +257,8 @@ def save(target: Any, name: str, path: str | os.PathLike, *, format: str = "kohy
         raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(registry(target).adapters)})")
     bare = isinstance(target, nn.Module)
     family = guess_family(loaded.spec) if bare else model_family(target)
-    return _write(_items_from_targets(loaded.targets), dest, to=format, family=family, dtype=dtype,
+    items = _native_items(loaded) if format == "kohya" else None
+    return _write(items or _items_from_targets(loaded.targets), dest, to=format, family=family, dtype=dtype,
                   metadata=loaded.spec.metadata, where=f"adapter '{name}'", single_file=single_file,
                   to_ldm=None if bare else _to_ldm(target, family))
 

@@ -55,6 +55,7 @@ class ModuleGroup:
     keys: dict[str, str]  # suffix -> full original key, for error messages
     config: dict[str, Any] | None = None  # PEFT config with rank/alpha patterns resolved for this module
     fused: Fused | None = None  # set by keys/dit.py when the file module is several model modules
+    native: str | None = None  # the module name as the file spelt it, when keys/dit.py translated it
 
 
 @dataclass
@@ -70,6 +71,7 @@ class ModulePatch:
     module: str | None = None  # resolved module path inside the component, once mapped to a model
     original_key: str = ""
     fused: Fused | None = None  # several model modules (rows sliced per module at resolve time)
+    native: str | None = None  # the file's own module name when keys/dit.py translated it (BFL / MMDiT / Wan)
 
 
 @dataclass

@@ -41,11 +41,12 @@ def test_mix_hotswap_weights_on_fused_modules(flux):
 
 @pytest.mark.parametrize("fmt", ["kohya", "peft"])
 def test_save_and_reload(flux, fmt, tmp_path):
-    """kohya: lora_transformer_<diffusers name> (the split modules); peft: diffusers names. Both reload exactly."""
+    """kohya: the file's own sd-scripts names, fused modules whole (a ComfyUI/BFL file comes back as sd-scripts'
+    lora_unet_double_blocks_0_img_attn_qkv); peft: diffusers names, split. Both reload exactly."""
     pipe = copy.deepcopy(flux)
     base = effective_weights(pipe.transformer)
-    sd = lora_file(pipe.transformer, "flux", "kohya", seed=3)
-    ref = reference_weights(pipe.transformer, "flux", lora_deltas(pipe.transformer, "kohya", sd))
+    sd = lora_file(pipe.transformer, "flux", "bfl", seed=3)
+    ref = reference_weights(pipe.transformer, "flux", lora_deltas(pipe.transformer, "bfl", sd))
     t5 = {"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.randn(2, 32),
           "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.randn(32, 2)}
     da.load(pipe, {**sd, **t5}, name="a")
@@ -53,11 +54,13 @@ def test_save_and_reload(flux, fmt, tmp_path):
     paths = da.save(pipe, "a", dest, format=fmt)
     keys = set(load_file(paths[0])) if fmt == "kohya" else None
     if keys is not None:
-        assert "lora_transformer_single_transformer_blocks_0_proj_mlp.lora_up.weight" in keys
+        assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in keys
+        assert {k.split(".")[0] for k in keys if k.startswith("lora_unet_")} == {
+            "lora_unet_" + n.replace(".", "_") for n in native_modules(flux.transformer, "flux")}
         assert "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight" in keys  # T5, as sd-scripts
     da.unload(pipe)
     info = da.load(pipe, dest, name="b")
-    assert info.modules == len(ref) + 1
+    assert info.modules == (len(sd) // 3 if fmt == "kohya" else len(ref)) + 1
     check(pipe, ref, base)
 
 
@@ -121,11 +124,10 @@ def test_hotswap_fused_flux_files_under_compile(flux, mode):
 
 
 def test_saved_kohya_flux_file_is_read_by_diffusers(flux, tmp_path):
-    """The kohya file diffadapt writes for Flux (lora_transformer_<diffusers name>) is a layout diffusers' Flux
-    loader reads (its "mixture" branch, which maps the attention modules of the blocks): same weights after its
-    load + fuse."""
+    """A ComfyUI/BFL Flux file saved as kohya comes out in sd-scripts' names, which diffusers' Flux loader reads
+    (double blocks: its single-block split is hard-wired to Flux-dev's width): same weights after its load + fuse."""
     pipe = copy.deepcopy(flux)
-    sd = lora_file(pipe.transformer, "flux", "kohya", seed=4, only=r"_attn\.")
+    sd = lora_file(pipe.transformer, "flux", "bfl", seed=4, only=r"^double_blocks")
     da.load(pipe, dict(sd), name="a")
     path = da.save(pipe, "a", tmp_path / "a.safetensors", format="kohya")[0]
     ref = copy.deepcopy(flux)
@@ -134,5 +136,23 @@ def test_saved_kohya_flux_file_is_read_by_diffusers(flux, tmp_path):
     ours, theirs = effective_weights(pipe.transformer), effective_weights(ref.transformer)
     base = effective_weights(flux.transformer)
     changed = [k for k in ours if not torch.equal(ours[k], base[k])]
-    assert len(changed) == 2 * 8  # per double block: q, k, v, out; add_q, add_k, add_v, add_out
+    assert len(changed) == 2 * 14  # per double block: q, k, v split, out, mlp ×2, modulation; the same for text
     assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-5
+
+
+def test_convert_comfyui_flux_to_kohya_keeps_native_names(flux, tmp_path):
+    """File → file with no model: BFL names become sd-scripts names, fused modules stay whole, CLIP-L is te1."""
+    from safetensors.torch import save_file
+
+    sd = lora_file(flux.transformer, "flux", "bfl", seed=6)
+    sd |= {"text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight":
+           torch.randn(2, 32), "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+           ".lora_up.weight": torch.randn(32, 2)}
+    save_file(sd, tmp_path / "bfl.safetensors")
+    out = load_file(da.convert(tmp_path / "bfl.safetensors", tmp_path / "kohya.safetensors", to="kohya")[0])
+    assert torch.equal(out["lora_unet_single_blocks_1_linear1.lora_up.weight"],
+                       sd["diffusion_model.single_blocks.1.linear1.lora_up.weight"])
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in out
+    pipe, base = copy.deepcopy(flux), effective_weights(flux.transformer)
+    da.load(pipe, tmp_path / "kohya.safetensors")
+    check(pipe, reference_weights(flux.transformer, "flux", lora_deltas(flux.transformer, "bfl", sd)), base)

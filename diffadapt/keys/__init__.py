@@ -112,7 +112,7 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
         params = parse(g.tensors, ParseContext(where=where, fmt=g.fmt, config=g.config))
         patches.append(
             ModulePatch(component=g.component, module_key=g.module_key, method=method.name, params=params,
-                        fmt=g.fmt, dotted=g.dotted, original_key=first_key, fused=g.fused)
+                        fmt=g.fmt, dotted=g.dotted, original_key=first_key, fused=g.fused, native=g.native)
         )
     fmts = Counter(p.fmt for p in patches)
     fmt = fmts.most_common(1)[0][0]

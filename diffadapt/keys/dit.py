@@ -203,6 +203,18 @@ def layout_name(family: str, groups: list[ModuleGroup], original_keys: list[str]
     return f"{fam} {style}"
 
 
+def native_kohya_names(patches: list) -> dict[int, str] | None:
+    """sd-scripts / musubi-tuner module names (``double_blocks_0_img_attn_qkv``) for every denoiser patch, by
+    ``id(patch)``, when all of them were read from native names (XLabs processor names have none); else None."""
+    out = {}
+    for p in patches:
+        if p.component in ("transformer", "unet", "*"):
+            if p.native is None or ".processor." in p.native:
+                return None
+            out[id(p)] = p.native.replace(".", "_")
+    return out or None
+
+
 def translate(groups: list[ModuleGroup], family: str) -> int:
     """Rewrite native module names of ``family`` to diffusers names in place; returns how many matched."""
     n = 0
@@ -214,6 +226,7 @@ def translate(groups: list[ModuleGroup], family: str) -> int:
             continue
         rule, i = hit
         targets = tuple(t.replace("{i}", i) for t in rule.targets)
+        g.native = rule.native.replace("{i}", i)
         g.component, g.dotted = "transformer", True
         if len(targets) > 1 or rule.modulation:
             g.module_key = targets[0]
@@ -239,5 +252,6 @@ def translate_patches(patches: list, family: str) -> list:
         targets = tuple(t.replace("{i}", i) for t in rule.targets)
         fused = Fused(modules=targets, native_modulation=rule.modulation) if len(targets) > 1 or rule.modulation \
             else None
-        out.append(dataclasses.replace(p, component="transformer", module_key=targets[0], dotted=True, fused=fused))
+        out.append(dataclasses.replace(p, component="transformer", module_key=targets[0], dotted=True, fused=fused,
+                                       native=rule.native.replace("{i}", i)))
     return out
