@@ -186,6 +186,8 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
     denoiser = next((c for c in DENOISERS if c in comps), None)
 
     def shown(c: str) -> str:  # kohya's lora_unet_ names the denoiser, whatever the model calls it
+        if c == ANY:
+            return "none named"
         return f"{denoiser} (lora_unet_ keys)" if c == "unet" and denoiser == "transformer" else c
 
     keys = [p.original_key for ps in missing.values() for p in ps]
@@ -199,7 +201,7 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
     if clashes:
         parts.append(f"{len(clashes)} match modules of another shape, e.g. {clashes[0]}")
     layout = f"{spec.layout} layout; " if spec.layout else ""
-    msg = f"{spec.source}: {layout}" + "; ".join(parts) + (hint + "." if hint else "")
+    msg = f"{spec.source}: {layout}" + "; ".join(parts) + "." + (hint + "." if hint else "")
     # the denoiser part of the file matching nothing is not "the rest": never load only the text encoders
     denoiser_lost = any(c in DENOISERS for c in missing) and not any(
         t.component in DENOISERS for t in found) and not isinstance(target, nn.Module)
