@@ -16,6 +16,7 @@ from .errors import FormatError, KeyMappingError, ShapeError
 from .info import guess_family
 from .backends.peft_layers import unwrap
 from .keys import ANY, ModuleIndex
+from .transaction import FairRLock
 from .spec import COMPONENTS, AdapterInfo, AdapterSpec, ModulePatch
 
 DENOISERS = ("unet", "transformer")
@@ -173,7 +174,7 @@ class Loaded:
 @dataclass
 class Registry:
     adapters: dict[str, Loaded] = field(default_factory=dict)
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    lock: FairRLock = field(default_factory=FairRLock)  # reentrant, first come first served
 
     def __deepcopy__(self, memo):  # a copied model keeps its (patched) weights but starts a fresh registry
         return Registry()
@@ -186,13 +187,16 @@ class Registry:
 
 
 _ATTR = "_diffadapt_registry"
+_CREATING = threading.Lock()  # two first loads from two threads must get the same registry
 
 
 def registry(target: Any) -> Registry:
     reg = target.__dict__.get(_ATTR)
     if reg is None:
-        reg = Registry()
-        target.__dict__[_ATTR] = reg
+        with _CREATING:
+            reg = target.__dict__.get(_ATTR)
+            if reg is None:
+                reg = target.__dict__[_ATTR] = Registry()
     return reg
 
 

@@ -145,6 +145,45 @@ def drop_slot(module: nn.Module) -> None:
         slot.restore()
 
 
+def snapshot(modules):
+    """A function putting these modules' slots back as they are now (entries, strengths, buffers), bit-exactly.
+
+    Used by ``diffadapt.transaction`` to roll back any patch-mode write; only modules whose state changed
+    are rewritten.
+    """
+    saved = []
+    for module in dict.fromkeys(modules):
+        slot = _SLOTS.get(module)
+        bias = module.bias.data if isinstance(getattr(module, "bias", None), torch.Tensor) else None
+        entries = None if slot is None else [(e, e.strength) for e in slot.entries]
+        saved.append((module, slot, entries, module.weight.data, bias))
+
+    def restore() -> None:
+        for module, slot, entries, weight, bias in saved:
+            now = _SLOTS.get(module)
+            if slot is None:
+                if now is not None:
+                    drop_slot(module)
+                continue
+            same = (now is slot and len(slot.entries) == len(entries)
+                    and all(e is e0 and e.strength == s0 for e, (e0, s0) in zip(slot.entries, entries))
+                    and _same(module.weight.data, weight))
+            if same:
+                continue
+            if now is not None and now is not slot:
+                drop_slot(module)
+            _SLOTS[module] = slot
+            slot.entries = [e for e, _ in entries]
+            for e, s in entries:
+                e.strength = s
+            module.weight.data = weight  # the buffer it had (or the original): compiled graphs read it
+            if bias is not None:
+                module.bias.data = bias
+            slot.write(inplace=True)
+
+    return restore
+
+
 def _take_off(module: nn.Module, name: str, *, park: bool = False) -> None:
     """Take adapter ``name`` off the module; the originals come back bit-exactly when none is left.
 
