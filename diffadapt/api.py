@@ -6,22 +6,27 @@ import os
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from . import backends, io
 from .errors import AdapterNotFoundError, DiffAdaptError
 from .info import summarize
 from .keys import build_spec
 from .mixing import component_counts
-from .pipeline import Loaded, registry, resolve
+from .pipeline import Loaded, registry, resolve, tensor_bound
 from .spec import AdapterInfo, AdapterSpec
 from .transaction import writing
 from .weights import validate as validate_weight
 
 
-def read_spec(source: Any, *, allow_pickle: bool = False) -> AdapterSpec:
-    """Read and parse a source into the canonical spec (no model needed)."""
+def read_spec(source: Any, *, allow_pickle: bool = False, target: Any = None) -> AdapterSpec:
+    """Read and parse a source into the canonical spec (no model needed). With ``target``, tensors larger
+    than any of its layers could use are refused from the file's header, before the data is read."""
     if isinstance(source, AdapterSpec):
         return source
-    return build_spec(io.read(source, allow_pickle=allow_pickle))
+    # a bare module may be given a whole pipeline's file (components that do not fit are skipped): no bound
+    bound = None if target is None or isinstance(target, nn.Module) else tensor_bound(target)
+    return build_spec(io.read(source, allow_pickle=allow_pickle, max_numel=bound))
 
 
 def inspect(source: Any, *, allow_pickle: bool = False) -> AdapterInfo:
@@ -59,7 +64,7 @@ def load(
     if name is not None and name in reg.adapters:  # early answer; checked again under the lock
         raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
     weight = validate_weight(weight, where="weight", counts=component_counts(target))
-    spec = read_spec(source, allow_pickle=allow_pickle)  # file and hub I/O: outside the lock
+    spec = read_spec(source, allow_pickle=allow_pickle, target=target)  # file and hub I/O: outside the lock
     with reg.lock:
         if name is not None and name in reg.adapters:
             raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")

@@ -68,7 +68,7 @@ def hotswap(target: Any, name: str, source: Any, *, allow_pickle: bool = False, 
     reg = registry(target)
     with reg.lock:
         _swapper(_loaded(target, name))  # answer early, before reading a file
-    spec = read_spec(source, allow_pickle=allow_pickle)  # file and hub I/O: outside the lock
+    spec = read_spec(source, allow_pickle=allow_pickle, target=target)  # file and hub I/O: outside the lock
     with reg.lock:
         loaded = _loaded(target, name)
         _swapper(loaded)
@@ -106,12 +106,12 @@ class _Undo:
     temporary: list[str] = field(default_factory=list)
 
 
-def _read(stack: dict[str, Any], *, allow_pickle: bool) -> dict[str, tuple[Any, Any]]:
+def _read(target: Any, stack: dict[str, Any], *, allow_pickle: bool) -> dict[str, tuple[Any, Any]]:
     """(spec or None, weight or None) per stack item; every file is read here, before taking the lock."""
     plan = {}
     for name, value in stack.items():
         source, weight = _split(value)
-        plan[name] = (None if source is None else read_spec(source, allow_pickle=allow_pickle), weight)
+        plan[name] = (None if source is None else read_spec(source, allow_pickle=allow_pickle, target=target), weight)
     return plan
 
 
@@ -208,7 +208,7 @@ def using(
     ``load``, ``unload``, ``hotswap`` and ``set_weights`` on the same pipeline wait for the block; the same
     thread may nest blocks. ``timeout`` (seconds) raises TimeoutError instead of waiting longer.
     """
-    items = _read(stack, allow_pickle=allow_pickle)  # file and hub I/O: before taking the lock
+    items = _read(target, stack, allow_pickle=allow_pickle)  # file and hub I/O: before taking the lock
     lock = registry(target).lock
     if not lock.acquire(timeout=-1 if timeout is None else timeout):
         raise TimeoutError(f"the adapters of this pipeline stayed busy for {timeout} s")

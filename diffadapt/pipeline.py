@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections import Counter, defaultdict
@@ -35,6 +36,19 @@ def components(target: Any) -> dict[str, nn.Module]:
     if not isinstance(comps, dict):
         raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(target).__name__}")
     return {k: getattr(v, "_orig_mod", v) for k, v in comps.items() if k in COMPONENTS and isinstance(v, nn.Module)}
+
+
+def tensor_bound(target: Any) -> int:
+    """The most values one adapter tensor for this model may hold: the largest adaptable weight, or an
+    OFT-style (n, b, b) block set on its widest axis. Files are checked against it from their header."""
+    bound = 1
+    for comp in components(target).values():
+        for module in comp.modules():
+            if isinstance(module, PATCHABLE):
+                shape = module.weight.shape
+                wide = max(shape[0], math.prod(shape[1:]))
+                bound = max(bound, module.weight.numel(), wide * wide)
+    return bound
 
 
 def pipeline_family(target: Any) -> str:
