@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError
+from ..guards import check_written
 from ..methods.base import Params
 
 
@@ -42,6 +43,7 @@ class Slot:
     original: torch.Tensor
     original_bias: torch.Tensor | None
     entries: list[Entry] = field(default_factory=list)
+    label: str = ""  # "component.module", for errors
 
     # -- composition ---------------------------------------------------------------------------------
     def compute(self, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -97,6 +99,7 @@ class Slot:
         current = self.module.weight.data
         buffer = current if inplace and not _same(current, self.original) else None
         weight, bias = self.compute(out=buffer)
+        check_written(self, weight, bias)  # an overflow raises; the caller's rollback rewrites the buffer
         if buffer is None or not _same(weight, buffer):
             _store(self.module.weight, weight, self.original, inplace=inplace)
         if self.original_bias is not None:
@@ -200,6 +203,10 @@ def _take_off(module: nn.Module, name: str, *, park: bool = False) -> None:
         drop_slot(module)
 
 
+def _label(t) -> str:
+    return f"{t.component}.{t.module_name}" if t.component else t.module_name
+
+
 # -- the backend interface (see backends/__init__.py) --------------------------------------------------
 
 NAME = "patch"
@@ -229,6 +236,7 @@ def apply(loaded) -> None:
             w = t.module.weight
             params = t.patch.params.to(device=w.device, dtype=torch.float32)
             slot = slot_for(t.module)
+            slot.label = slot.label or _label(t)
             slot.entries.append(Entry(name=loaded.name, params=params, strength=loaded.strength(t.component, t.module_name)))
             done.append(t.module)
             slot.write(inplace=True)
@@ -293,6 +301,7 @@ def hotswap(loaded, targets) -> None:
     for t in targets:  # every conversion before the first write
         params = t.patch.params.to(device=t.module.weight.device, dtype=torch.float32)
         new.setdefault(t.module, []).append(Entry(name, params, loaded.strength(t.component, t.module_name)))
+    labels = {t.module: _label(t) for t in targets}
     old = list(dict.fromkeys(t.module for t in loaded.targets))
     parked = [m for m in loaded.extra.get(PARKED, ()) if m not in new]
     touched = list(dict.fromkeys([*new, *old]))
@@ -300,6 +309,7 @@ def hotswap(loaded, targets) -> None:
     try:
         for module, entries in new.items():
             slot = slot_for(module)
+            slot.label = slot.label or labels[module]
             slot.entries = _replace(slot.entries, name, entries)
             slot.write(inplace=True)
         for module in old:
