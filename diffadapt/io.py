@@ -7,18 +7,21 @@ Everything here is about bytes on disk; key names are interpreted in ``keys``. P
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import shutil
+import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import DiffAdaptError, FormatError, PickleRefusedError, ShapeError, SourceError
+from .errors import DiffAdaptError, FormatError, PickleRefusedError, ShapeError, SourceError, WriteError
 from .spec import RawAdapter
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -223,9 +226,51 @@ def _from_hub(source: str, *, allow_pickle: bool) -> Path:
 # -- writing -----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def staged(dest: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of ``dest`` to write into; on success it replaces ``dest`` whole (a file, or a folder
+    with nothing stale left from an older one), on failure it is deleted and ``dest`` is untouched.
+    OS and safetensors errors become :class:`WriteError` naming ``dest``."""
+    dest = Path(dest)
+    tmp = dest.parent / f".{dest.stem}.{uuid.uuid4().hex[:8]}.tmp{dest.suffix}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        _swap_in(tmp, dest)
+    except BaseException as e:
+        _discard(tmp)
+        if isinstance(e, (OSError, SafetensorError)) and not isinstance(e, DiffAdaptError):
+            raise WriteError(f"{dest}: cannot write: {type(e).__name__}: {e}") from e
+        raise
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    if not tmp.is_dir() and not dest.is_dir():
+        os.replace(tmp, dest)  # atomic on one file system
+        return
+    old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
+    if dest.exists() or dest.is_symlink():
+        os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old.exists() or old.is_symlink():
+            os.replace(old, dest)
+        raise
+    _discard(old)
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write contiguous CPU tensors with string metadata (safetensors allows only str → str)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write contiguous CPU tensors with string metadata (safetensors allows only str → str), atomically."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(clean, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    meta = {k: str(v) for k, v in metadata.items()}
+    with staged(path) as tmp:
+        save_file(clean, str(tmp), metadata=meta)
