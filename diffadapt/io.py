@@ -239,8 +239,9 @@ def staged(dest: str | os.PathLike) -> Iterator[Path]:
         _swap_in(tmp, dest)
     except BaseException as e:
         _discard(tmp)
-        if isinstance(e, (OSError, SafetensorError)) and not isinstance(e, DiffAdaptError):
-            raise WriteError(f"{dest}: cannot write: {type(e).__name__}: {e}") from e
+        cause = e.__cause__ if isinstance(e, WriteError) and e.__cause__ is not None else e
+        if isinstance(cause, (OSError, SafetensorError)) and not isinstance(cause, DiffAdaptError):
+            raise WriteError(f"{dest}: cannot write: {type(cause).__name__}: {cause}") from cause
         raise
 
 

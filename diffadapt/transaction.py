@@ -5,9 +5,9 @@ then opens :func:`writing`. Inside it every backend call goes through :class:`Tr
 to undo it: patch-mode writes snapshot the slots of the modules they touch (original tensors, entries and
 their strengths, the live buffer), so a rollback rewrites each changed module from its old stack,
 bit-identically; inject-mode calls record their inverse (apply ↔ remove, refresh ↔ refresh at the old
-weights, hotswap ↔ hotswap back). Any exception in the block, KeyboardInterrupt included, undoes the steps
-newest first and puts every ``Loaded`` record and the registry's dict back as they were. The registry itself
-changes last, after the writes.
+weights, hotswap ↔ hotswap back). Any exception in the block, KeyboardInterrupt included, puts every
+``Loaded`` record and the registry's dict back as they were, then undoes the steps newest first. The registry
+itself changes last, after the writes.
 
 :class:`FairRLock` is the registry lock: reentrant, with an optional timeout, and first come, first served,
 so that no request waits behind a stream of later ones.
@@ -127,7 +127,15 @@ class Transaction:
             backend.apply(loaded)
         else:
             backend.apply(loaded)  # atomic on its own
-            self.on_rollback(lambda: backend.remove(loaded))
+            made = {k: v for k, v in loaded.extra.items() if k not in self._extra_of(loaded)}
+
+            def undo() -> None:  # the records are back by now: give remove the state apply made
+                loaded.extra.update(made)
+                backend.remove(loaded)
+                for k in made:
+                    loaded.extra.pop(k, None)
+
+            self.on_rollback(undo)
 
     def remove(self, loaded) -> None:
         backend = backends.get(loaded.mode)
@@ -135,12 +143,10 @@ class Transaction:
             self.guard(_modules(loaded))
             backend.remove(loaded)
         else:
-            mode, extra = loaded.mode, dict(loaded.extra)
+            mode = loaded.mode
 
-            def undo() -> None:
+            def undo() -> None:  # the record is back by now (mode, targets): inject it again
                 loaded.mode = mode
-                loaded.extra.clear()
-                loaded.extra.update({k: v for k, v in extra.items() if k != "inject_hotswap"})
                 backends.get(mode).apply(loaded)
 
             self.on_rollback(undo)
@@ -174,22 +180,31 @@ class Transaction:
 
         def undo() -> None:
             loaded.targets = targets
-            swap(loaded, old)
+            try:
+                swap(loaded, old)
+            finally:
+                loaded.targets = old
 
         self.on_rollback(undo)
         swap(loaded, targets)
 
     # -- the end ---------------------------------------------------------------------------------------
+    def _extra_of(self, loaded) -> dict:
+        record = self._records.get(id(loaded))
+        return record[2] if record is not None else {}
+
     def rollback(self, error: BaseException) -> None:
+        """Records and registry first (undo steps read the old weights, modes and targets), then every step
+        newest first."""
+        self.restore_records()
+        self.reg.adapters.clear()
+        self.reg.adapters.update(self._adapters)
         failures = []
         for undo in reversed(self._undo):
             try:
                 undo()
             except BaseException as e:  # keep undoing the rest; report what could not be undone
                 failures.append(e)
-        self.restore_records()
-        self.reg.adapters.clear()
-        self.reg.adapters.update(self._adapters)
         for e in failures:
             error.add_note(f"diffadapt: while rolling back: {type(e).__name__}: {e}")
 
