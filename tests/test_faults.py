@@ -73,6 +73,12 @@ def loaded(base, files):
     return make(base, files)
 
 
+@pytest.fixture(scope="module")
+def shared(base, files):
+    """For cases that must change nothing (each asserts it did not): one pipeline for all of them."""
+    return make(base, files)
+
+
 def records(pipe) -> dict:
     reg = registry(pipe)
     return {n: (a.mode, repr(a.weight), a.enabled, id(a.spec), id(a.info), len(a.targets))
@@ -296,9 +302,9 @@ HOSTILE = [  # id, source builder (tmp -> source), error class (None: loads), me
 
 @pytest.mark.parametrize("verb", ["load", "hotswap"])
 @pytest.mark.parametrize("case", HOSTILE, ids=[c[0] for c in HOSTILE])
-def test_hostile_source(loaded, tmp_path, case, verb):
+def test_hostile_source(base, files, shared, tmp_path, case, verb):
     _, build, exc, needles = case
-    pipe = loaded
+    pipe = shared if exc is not None else make(base, files)
     source = build(tmp_path)
     before = state(pipe)
     t0 = time.perf_counter()
