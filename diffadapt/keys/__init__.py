@@ -91,7 +91,7 @@ def _check_tensor(t: torch.Tensor, *, where: str) -> None:
                                       and not t.is_floating_point()):
         raise FormatError(f"{where}: dtype {str(t.dtype).removeprefix('torch.')} is not supported "
                           "(float16, bfloat16, float32 or float64; integers only for scalars such as alpha)")
-    if t.numel() == 0:
+    if t.dim() and t.shape[0] == 0:  # (0, in): rank 0. PEFT OFT with 1-wide blocks has (n, 0): that is valid
         raise FormatError(f"{where}: an empty tensor, shape {tuple(t.shape)} (rank 0?)")
 
 
