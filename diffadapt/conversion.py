@@ -213,12 +213,14 @@ def save(target: Any, name: str, path: str | os.PathLike, *, format: str = "kohy
     """Write a loaded adapter (its tensors as loaded, strength 1) in kohya or PEFT format; returns the paths."""
     dest = _check_request(format, path, overwrite)
     dtype = parse_dtype(dtype)
-    loaded = registry(target).adapters.get(name)
-    if loaded is None:
-        raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(registry(target).adapters)})")
+    reg = registry(target)
+    with reg.lock:  # a consistent view of the record; the writing happens outside the lock
+        loaded = reg.adapters.get(name)
+        if loaded is None:
+            raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(reg.adapters)})")
+        items, spec = _items_from_targets(loaded.targets), loaded.spec
     bare = isinstance(target, nn.Module)
-    family = guess_family(loaded.spec) if bare else pipeline_family(target)
-    return _write(_items_from_targets(loaded.targets), dest, to=format, family=family, dtype=dtype,
-                  metadata=loaded.spec.metadata, where=f"adapter '{name}'", single_file=single_file,
-                  to_ldm=None if bare else _to_ldm(target, family))
+    family = guess_family(spec) if bare else pipeline_family(target)
+    return _write(items, dest, to=format, family=family, dtype=dtype, metadata=spec.metadata,
+                  where=f"adapter '{name}'", single_file=single_file, to_ldm=None if bare else _to_ldm(target, family))
 
