@@ -173,7 +173,10 @@ def read_dir(path: Path, *, allow_pickle: bool = False, max_numel: int | None = 
     for name in DIFFUSERS_WEIGHTS:
         if (path / name).is_file():
             return read_file(path / name, allow_pickle=allow_pickle, max_numel=max_numel)
-    files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+    try:
+        files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+    except OSError as e:
+        raise SourceError(f"{path}: cannot list the folder: {e.strerror or e}") from e
     if len(files) == 1:
         return read_file(files[0], allow_pickle=allow_pickle, max_numel=max_numel)
     if not files:
