@@ -193,15 +193,19 @@ def test_failed_summary_hotswap_and_using_change_nothing(loaded, files, monkeypa
     assert state(pipe) == before
 
 
-def test_refused_inject_refresh_keeps_the_weight(loaded, monkeypatch):
-    """An inject-mode refresh that refuses a weight (as COFT does for |w| > 1) leaves records and layers."""
-    pipe = loaded
-    before = state(pipe)
-    monkeypatch.setattr("diffadapt.backends.inject.refresh",
-                        lambda items, **kw: (_ for _ in ()).throw(da.UnsupportedError("COFT cannot hold weight 2")))
+def test_refused_inject_refresh_keeps_the_weight(loaded, tmp_path):
+    """peft's COFT layer cannot hold |w| > 1: the refusal comes after "a"'s modules were rewritten, and
+    undoes them; both records keep their weights."""
+    import peft
+
+    cfg = peft.OFTConfig(r=0, oft_block_size=4, target_modules=["to_q"], coft=True, eps=1e-2, init_weights=False)
+    peft.get_peft_model(copy.deepcopy(loaded.unet), cfg).save_pretrained(tmp_path / "unet")
+    da.load(loaded, tmp_path, "coft", mode="inject")
+    before = state(loaded)
     with pytest.raises(da.UnsupportedError, match="COFT"):
-        da.set_weights(pipe, {"a": 0.2, "i": 2.0})
-    assert state(pipe) == before
+        da.set_weights(loaded, {"a": 0.2, "coft": 1.5})
+    assert state(loaded) == before
+    assert da.get_weights(loaded)["a"] == 1.0 and da.get_weights(loaded)["coft"] == 1.0
 
 
 # -- bad numbers and hostile files ---------------------------------------------------------------------
