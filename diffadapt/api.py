@@ -61,8 +61,9 @@ def load(
     """Load an adapter into a pipeline or module; returns its summary. A failed load changes nothing."""
     backend = backends.get(mode)
     reg = registry(target)
-    if name is not None and name in reg.adapters:  # early answer; checked again under the lock
-        raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
+    with reg.lock:  # an early answer, before reading a file; checked again when writing
+        if name is not None and name in reg.adapters:
+            raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
     weight = validate_weight(weight, where="weight", counts=component_counts(target))
     spec = read_spec(source, allow_pickle=allow_pickle, target=target)  # file and hub I/O: outside the lock
     with reg.lock:
