@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -85,11 +86,25 @@ class FairRLock:
 
 # -- transactions ----------------------------------------------------------------------------------------
 
-_FIELDS = ("spec", "info", "targets", "mode", "weight", "enabled")
+def _record(loaded) -> dict[str, Any]:
+    """Every field of a ``Loaded`` (dicts copied: their identity is kept on restore, their content saved)."""
+    return {f.name: dict(v) if isinstance(v := getattr(loaded, f.name), dict) else v
+            for f in dataclasses.fields(loaded)}
+
+
+def _put(loaded, values: dict[str, Any]) -> None:
+    for k, v in values.items():
+        current = getattr(loaded, k)
+        if isinstance(v, dict) and isinstance(current, dict):
+            current.clear()
+            current.update(v)
+        else:
+            setattr(loaded, k, v)
 
 
 def _modules(loaded) -> list:
-    return [t.module for t in loaded.targets] + list(loaded.extra.get(patch.PARKED, ()))
+    parked = loaded.extra.get(getattr(patch, "PARKED", None), ()) if isinstance(loaded.extra, dict) else ()
+    return [t.module for t in loaded.targets] + list(parked)
 
 
 class Transaction:
@@ -98,7 +113,7 @@ class Transaction:
     def __init__(self, reg) -> None:
         self.reg = reg
         self._adapters = dict(reg.adapters)
-        self._records = {id(a): (a, {f: getattr(a, f) for f in _FIELDS}, dict(a.extra)) for a in reg.adapters.values()}
+        self._records = {id(a): (a, _record(a)) for a in reg.adapters.values()}
         self._undo: list[Callable[[], None]] = []
 
     # -- recording -------------------------------------------------------------------------------------
@@ -112,12 +127,9 @@ class Transaction:
     def restore_records(self, items: Iterable | None = None) -> None:
         """Put the ``Loaded`` records (all, or these) back as they were when the transaction began."""
         chosen = None if items is None else {id(a) for a in items}
-        for key, (loaded, fields, extra) in self._records.items():
+        for key, (loaded, values) in self._records.items():
             if chosen is None or key in chosen:
-                for f, v in fields.items():
-                    setattr(loaded, f, v)
-                loaded.extra.clear()
-                loaded.extra.update(extra)
+                _put(loaded, values)
 
     # -- backend steps ---------------------------------------------------------------------------------
     def apply(self, loaded) -> None:
@@ -127,13 +139,12 @@ class Transaction:
             backend.apply(loaded)
         else:
             backend.apply(loaded)  # atomic on its own
-            made = {k: v for k, v in loaded.extra.items() if k not in self._extra_of(loaded)}
+            made = _record(loaded)
 
             def undo() -> None:  # the records are back by now: give remove the state apply made
-                loaded.extra.update(made)
+                _put(loaded, made)
                 backend.remove(loaded)
-                for k in made:
-                    loaded.extra.pop(k, None)
+                self.restore_records([loaded])
 
             self.on_rollback(undo)
 
@@ -189,10 +200,6 @@ class Transaction:
         swap(loaded, targets)
 
     # -- the end ---------------------------------------------------------------------------------------
-    def _extra_of(self, loaded) -> dict:
-        record = self._records.get(id(loaded))
-        return record[2] if record is not None else {}
-
     def rollback(self, error: BaseException) -> None:
         """Records and registry first (undo steps read the old weights, modes and targets), then every step
         newest first."""
