@@ -5,7 +5,8 @@ patch-mode load (median of interleaved rounds) and, separately and free of the n
 piece of added work: the per-module bound checks of one load, the header pass that refuses oversized
 tensors, the model bound it needs, the transaction's slot snapshot — and, for comparison, what checking
 every written value (``torch.isfinite(weight).all()`` per module) would cost instead of the bound.
-Target: the added work ≤ 3 % of a load. Usage: ``python bench/guards.py [--repeats 5] [--dtype fp32|fp16]``.
+Target: the added work ≤ 3 % of a load.
+Usage: ``python bench/guards.py [--repeats 5] [--dtype fp32|fp16] [--algo lora|loha]``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    ap.add_argument("--algo", choices=["lora", "loha"], default="lora",
+                    help="loha: a stack the bound does not cover, so every written value is scanned")
     args = ap.parse_args()
     common.quiet()
     torch.set_num_threads(1)
@@ -44,7 +47,7 @@ def main() -> None:
     pipe = common.sd15_pipeline(common.sd15_unet(dtype=dtype))
     with tempfile.TemporaryDirectory() as tmp:
         scratch = common.empty_like_model(testing.sd15_unet)
-        path = common.make_lycoris_files(scratch, {"lora": dict(prefix="lora_unet", algo="lora", rank=16, alpha=8)}, tmp)["lora"]
+        path = common.make_lycoris_files(scratch, {"lora": dict(prefix="lora_unet", algo=args.algo, rank=16 if args.algo == "lora" else 8, alpha=8)}, tmp)["lora"]
         del scratch
 
         def round_(times):
@@ -72,7 +75,7 @@ def main() -> None:
         with common.timed(parts, "read"):
             da.api.read_spec(path)
     parts["header bounds"] = parts.pop("read + header bounds") - parts.pop("read") - parts["model bound"]
-    print(f"patch-mode load of a rank-16 LoRA on every layer of the SD1.5 UNet ({args.dtype}, 1 thread): "
+    print(f"patch-mode load of a {args.algo} on every layer of the SD1.5 UNet ({args.dtype}, 1 thread): "
           f"{load_s:.3f} s (median of {args.repeats}); {len(slots)} modules")
     for k, v in parts.items():
         print(f"  {k:22s} {v * 1e3:8.1f} ms  {v / load_s * 100:6.2f} % of a load")
