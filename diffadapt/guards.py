@@ -47,6 +47,11 @@ def _bound(live) -> float | None:
     return total
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """A finite sum proves every value finite (one read pass, no mask); only a non-finite sum needs the scan."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def check_written(slot, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raise NonFiniteError naming the module if ``weight`` (or ``bias``) is not finite in the model's dtype."""
     live = [e for e in slot.entries if e.strength != 0.0]
@@ -58,9 +63,7 @@ def check_written(slot, weight: torch.Tensor, bias: torch.Tensor | None) -> None
         base = _w0_max(slot) if limit < WIDE * 2 else WIDE
         if bound + base < 0.5 * limit:
             return
-    bad = not bool(torch.isfinite(weight).all())
-    if bias is not None and not bad:
-        bad = not bool(torch.isfinite(bias).all())
+    bad = not _finite(weight) or (bias is not None and not _finite(bias))
     if bad:
         names = ", ".join(sorted({e.name for e in live}))
         raise NonFiniteError(

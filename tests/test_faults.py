@@ -283,6 +283,9 @@ HOSTILE = [  # id, source builder (tmp -> source), error class (None: loads), me
     ("product overflows", lambda t: lora(1e20, 1e20), da.NonFiniteError,
      ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "float32"]),
     ("alpha tensor 1e36", lambda t: lora(1e4, 1e4, alpha=1e36), da.NonFiniteError, ["to_q", "not finite"]),
+    ("LoHa product overflows", lambda t: {f"{MODULE}.{k}": torch.full(shape, 1e10) for k, shape in (
+        ("hada_w1_a", (32, 4)), ("hada_w1_b", (4, 32)), ("hada_w2_a", (32, 4)), ("hada_w2_b", (4, 32)))},
+     da.NonFiniteError, ["attn1.to_q", "not finite"]),
     ("1 GiB tensor", huge_header, da.ShapeError, ["(16384, 16384)", "lora_down"]),
     ("60k keys", many_keys, da.FormatError, ["60000 tensors"]),
     ("0-d factor", lambda t: with_tensor("lora_down.weight", torch.tensor(1.0)), da.FormatError, ["0-D"]),
