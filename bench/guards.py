@@ -28,7 +28,7 @@ from diffadapt.pipeline import tensor_bound  # noqa: E402
 from bench import common  # noqa: E402
 
 
-def _full_scan(slot, weight, bias) -> None:
+def _full_scan(slot, weight, bias, **_) -> None:
     if not bool(torch.isfinite(weight).all()):
         raise da.NonFiniteError("not finite")
 
@@ -61,7 +61,7 @@ def main() -> None:
         parts = {}
         with common.timed(parts, "bound checks"):
             for slot in slots:
-                patch.check_written(slot, slot.module.weight.data, None)
+                patch.check_written(slot, slot.module.weight.data, None, scan=patch.needs_scan(slot))
         with common.timed(parts, "full scan (not used)"):
             for slot in slots:
                 _full_scan(slot, slot.module.weight.data, None)

@@ -52,22 +52,27 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def check_written(slot, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Raise NonFiniteError naming the module if ``weight`` (or ``bias``) is not finite in the model's dtype."""
+def needs_scan(slot) -> bool:
+    """Before a write (W0 still readable): False when the bound proves the result finite and in range."""
     live = [e for e in slot.entries if e.strength != 0.0]
     if not live:
-        return
+        return False
     limit = _range(slot.original.dtype)
     bound = _bound(live)
-    if bound is not None and math.isfinite(bound):
-        base = _w0_max(slot) if limit < WIDE * 2 else WIDE
-        if bound + base < 0.5 * limit:
-            return
-    bad = not _finite(weight) or (bias is not None and not _finite(bias))
-    if bad:
-        names = ", ".join(sorted({e.name for e in live}))
-        raise NonFiniteError(
-            f"{getattr(slot, 'label', '') or type(slot.module).__name__}: adapter(s) {names} would write "
-            f"values that are not finite in {str(slot.original.dtype).removeprefix('torch.')} "
-            f"(overflow: factors or weights too large for the model's dtype); nothing was changed"
-        )
+    if bound is None or not math.isfinite(bound):
+        return True
+    base = _w0_max(slot) if limit < WIDE * 2 else WIDE
+    return not bound + base < 0.5 * limit
+
+
+def check_written(slot, weight: torch.Tensor, bias: torch.Tensor | None, *, scan: bool = True) -> None:
+    """After a write: with ``scan`` (from :func:`needs_scan`), raise NonFiniteError naming the module if
+    ``weight`` (or ``bias``) is not finite in the model's dtype."""
+    if not scan or (_finite(weight) and (bias is None or _finite(bias))):
+        return
+    names = ", ".join(sorted({e.name for e in slot.entries if e.strength != 0.0}))
+    raise NonFiniteError(
+        f"{getattr(slot, 'label', '') or type(slot.module).__name__}: adapter(s) {names} would write "
+        f"values that are not finite in {str(slot.original.dtype).removeprefix('torch.')} "
+        f"(overflow: factors or weights too large for the model's dtype); nothing was changed"
+    )

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError
-from ..guards import check_written
+from ..guards import check_written, needs_scan
 from ..methods.base import Params
 
 
@@ -98,8 +98,9 @@ class Slot:
         """Recompute and store. ``inplace`` keeps the current storage (what torch.compile sees)."""
         current = self.module.weight.data
         buffer = current if inplace and not _same(current, self.original) else None
+        scan = needs_scan(self)  # decided while W0 is intact: the bound on the factors, or a scan after
         weight, bias = self.compute(out=buffer)
-        check_written(self, weight, bias)  # an overflow raises; the caller's rollback rewrites the buffer
+        check_written(self, weight, bias, scan=scan)  # an overflow raises; the caller's rollback rewrites it
         if buffer is None or not _same(weight, buffer):
             _store(self.module.weight, weight, self.original, inplace=inplace)
         if self.original_bias is not None:
