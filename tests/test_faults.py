@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 import diffadapt as da
 from diffadapt import io
-from diffadapt.backends import patch, peft_layers
+from diffadapt import peft_bridge
+from diffadapt.backends import patch
 from diffadapt.cli import main
 from diffadapt.fixtures import lycoris_file
 from diffadapt.pipeline import registry
@@ -117,7 +118,7 @@ VERBS = {
     "unfuse": lambda p, f: da.unfuse(p, "a"),
     "using": _using,
 }
-POINTS = {"module write": (patch.Slot, "write"), "layer scaling": (peft_layers, "set_strength")}
+POINTS = {"module write": (patch.Slot, "write"), "layer scaling": (peft_bridge, "set_strength")}
 
 
 class Counter:
