@@ -12,6 +12,8 @@ from pathlib import Path
 
 from . import api, conversion, io
 from .errors import DiffAdaptError, SourceError
+from .models import SAMPLERS as _SAMPLERS
+from .models import load_model as _load_model
 
 
 # --------------------------------------------------------------------------- option types
@@ -99,14 +101,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- generate
 
-TINY_MODEL = "diffadapt-tiny-sd1"
-_SAMPLERS = {  # diffusers scheduler class -> A1111 sampler name, for the infotext
-    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a", "DDIMScheduler": "DDIM",
-    "DPMSolverMultistepScheduler": "DPM++ 2M", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
-    "HeunDiscreteScheduler": "Heun", "UniPCMultistepScheduler": "UniPC", "FlowMatchEulerDiscreteScheduler": "Euler",
-}
-
-
 def _adapter_arg(spec: str) -> tuple[Path, float, float]:
     """``FILE``, ``FILE:W`` or ``FILE:TE:UNET`` as A1111 tags; multipliers come off the right, so paths may hold ':'."""
     parts, nums = spec.split(":"), []
@@ -125,39 +119,6 @@ def _adapter_arg(spec: str) -> tuple[Path, float, float]:
 
 def _adapter_name(path: Path) -> str:
     return path.stem if path.is_file() else path.name
-
-
-def _load_model(model: str | None, device: str):
-    """(pipeline, model name, model hash) — the embedded tiny SD1 pipeline when no model is given."""
-    import torch
-
-    if model is None:
-        from .testing import tiny_sd1_pipeline
-
-        return tiny_sd1_pipeline(device=device), TINY_MODEL, None
-    import diffusers
-
-    kw = {"torch_dtype": torch.float16} if device.startswith("cuda") else {}
-    try:
-        if model.lower().endswith((".safetensors", ".ckpt")):
-            from safetensors import safe_open
-
-            from .infotext import adapter_hash
-
-            sdxl = False
-            if model.lower().endswith(".safetensors"):
-                with safe_open(model, "pt") as f:
-                    sdxl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
-            cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-            pipe = cls.from_single_file(model, **kw)
-            name, digest = Path(model).stem, adapter_hash(model, full_file=True, length=10)
-        else:  # local folder or hub id; HF_HUB_OFFLINE=1 keeps it to the cache
-            pipe = diffusers.DiffusionPipeline.from_pretrained(model, **kw)
-            name, digest = Path(model).name if Path(model).exists() else model, None
-    except (OSError, ValueError) as e:
-        raise SourceError(f"cannot load model '{model}': {e}") from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), name, digest
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -265,16 +226,10 @@ def _merge(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- studio
 
 
-def _studio(argv: list[str]) -> int:
-    """Run ``ui/studio.py`` of the source checkout; the Gradio app is not part of the installed package."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "ui" / "studio.py").is_file():
-        raise SourceError(f"the studio is run from a source checkout (no ui/studio.py under {root})")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from ui.studio import main as studio_main
+def _studio(args: argparse.Namespace) -> int:
+    from .studio.launch import run
 
-    return studio_main(argv)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,16 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="sd1 | sdxl | diffusers folder (default: the first file's guessed family)")
     p.add_argument("--force", action="store_true", help="replace the output if it exists")
     p.set_defaults(func=_merge)
-    sub.add_parser("studio", add_help=False,
-                   help="Gradio studio to stack adapter styles (diffadapt studio --help for its options)")
+    from .studio.launch import add_arguments as studio_arguments
+
+    p = sub.add_parser("studio", help="Gradio studio to stack adapter styles, with an HTTP API")
+    studio_arguments(p).set_defaults(func=_studio)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["studio"]:  # its own options, parsed by ui/studio.py
-            return _studio(argv[1:])
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # usage errors (2) and --help (0): a code, not an exception, for callers
