@@ -245,8 +245,10 @@ def merge(
     records the method, sources, rank and the relative error against the stack the sources made
     (compose(W0, sources in load order at these weights)).
     """
-    from . import api, mixing
-    from .pipeline import registry
+    from . import mixing
+    from .info import summarize
+    from .pipeline import Loaded, registry, resolve
+    from .transaction import writing
     from .weights import validate
 
     reg = registry(target)
@@ -268,14 +270,19 @@ def merge(
             **result.metadata(),
         }
         spec = to_spec(result.params, source=f"merge({', '.join(weights)})", metadata=metadata)
-        if disable_sources:
-            mixing.disable(target, *weights)
-        try:
-            return api.load(target, spec, name)
-        except BaseException:
+        targets = resolve(target, spec)
+        info = summarize(spec, name=name)
+        info.weight, info.mode = 1.0, "patch"
+        new = Loaded(name=name, spec=spec, info=info, targets=targets)
+        with writing(reg) as tx:  # disabling the sources and loading the merge: both or neither
             if disable_sources:
-                mixing.enable(target, *weights)
-            raise
+                sources = [a for a in loaded if a.enabled]
+                for a in sources:
+                    a.enabled = False
+                tx.refresh(sources)
+            tx.apply(new)
+            reg.adapters[name] = new
+        return info
 
 
 def merge_files(
