@@ -17,6 +17,7 @@ from .errors import (
     ShapeError,
     SourceError,
     UnsupportedError,
+    WriteError,
 )
 from .spec import AdapterInfo
 
@@ -27,5 +28,5 @@ __all__ = [
     "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "get_weights", "enable", "disable", "merge",
     "hotswap", "prepare_hotswap", "using", "configure", "release",
     "DiffAdaptError", "SourceError", "FormatError", "PickleRefusedError", "KeyMappingError", "ShapeError",
-    "NonFiniteError", "UnsupportedError", "AdapterNotFoundError",
+    "NonFiniteError", "UnsupportedError", "AdapterNotFoundError", "WriteError",
 ]

@@ -109,8 +109,9 @@ ALLOWED = {
     "diffadapt.peft_bridge": ["diffadapt.errors", "diffadapt.methods.base"],
     "diffadapt.export*": ["diffadapt.errors", "diffadapt.methods*", "diffadapt.peft_bridge", "diffadapt.keys*",
                           "diffadapt.io", "diffadapt.export*"],
+    "diffadapt.guards": ["diffadapt.errors"],
     "diffadapt.backends*": ["diffadapt.errors", "diffadapt.methods*", "diffadapt.peft_bridge", "diffadapt.compose",
-                            "diffadapt.backends*"],
+                            "diffadapt.guards", "diffadapt.backends*"],
     "diffadapt.architectures": [],
 }
 TEST_HELPERS = ("diffadapt.testing", "diffadapt.fixtures")

@@ -28,6 +28,7 @@ from . import storage
 from .storage import MemoryMap, SideCopies, check_backup, nbytes, settings_of
 from ..compose import compose
 from ..errors import DiffAdaptError, UnsupportedError
+from ..guards import check_written, needs_scan
 from ..methods.base import Params
 
 FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
@@ -67,6 +68,7 @@ class Slot:
     stamp: tuple | None = field(default=None, repr=False)  # the clean weight as last seen (see ``_stamp``)
     w0: torch.Tensor | None = field(default=None, repr=False)  # W0 as compute reads it during a write
     b0: torch.Tensor | None = field(default=None, repr=False)
+    label: str = ""  # "component.module", for errors
 
     @property
     def original(self) -> torch.Tensor:
@@ -119,11 +121,13 @@ class Slot:
             live, live_bias = self.module.weight.data, _bias(self.module)
         if any(e.params.bias_delta() is not None for e in self.entries):
             self._back_up_bias()
+        scan = needs_scan(self)  # decided while W0 is readable: the bound on the factors, or a scan after
         was_clean, self.clean, self.stamp = self.clean, False, None  # from here on the live values may change
         self.w0 = live if was_clean else _on(self.backup, live)
         self.b0 = None if self.backup_bias is None else live_bias if was_clean else _on(self.backup_bias, live_bias)
         try:
             weight, bias = self._compose(out=live, dtype=live.dtype)
+            check_written(self, weight, bias, scan=scan)  # an overflow raises; the rollback rewrites from W0
         finally:
             self.w0 = self.b0 = None
         if not _same(weight, live):
@@ -135,6 +139,7 @@ class Slot:
 
     def _rebase(self) -> None:
         """The idle weight was changed outside diffadapt (edited, reloaded, recast): it is the new W0."""
+        self.__dict__.pop("_w0_absmax", None)  # guards' cached max|W0|
         live, live_bias = self.module.weight.data, _bias(self.module)
         maps = MemoryMap() if live.device.type == "cpu" else None
         if maps is not None and live_bias is not None and not maps.writable(live_bias):  # e.g. reloaded with mmap
@@ -169,8 +174,10 @@ class Slot:
         pending = self.entries[self.baked:]
         if any(e.strength != 0.0 for e in pending):
             live, live_bias = self.module.weight.data, _bias(self.module)
-            view = Slot(self.module, entries=pending, w0=live, b0=live_bias)
+            view = Slot(self.module, entries=pending, w0=live, b0=live_bias, label=self.label)
+            scan = needs_scan(view)
             weight, bias = view._compose(out=None, dtype=live.dtype)  # new tensors: a failure writes nothing
+            check_written(view, weight, bias, scan=scan)
             self.rounding = view.rounding
             live.copy_(weight)
             if bias is not None and live_bias is not None and not _same(bias, live_bias):
@@ -244,6 +251,42 @@ def existing_slot(module: nn.Module) -> Slot | None:
     return slot if slot is not None and slot.entries else None
 
 
+def snapshot(modules):
+    """A function putting these modules' slots back as they are now (entries and strengths), bit-exactly.
+
+    Used by ``diffadapt.transaction`` to roll back any patch-mode write: each changed module is rewritten from
+    its backup (storage never moves); a slot made since is emptied and released. Modules without a backup
+    (backup="none") cannot be rewritten: only their records go back.
+    """
+    saved = []
+    for module in dict.fromkeys(modules):
+        slot = _SLOTS.get(module)
+        saved.append((module, slot, None if slot is None else [(e, e.strength) for e in slot.entries],
+                      0 if slot is None else slot.baked))
+
+    def restore() -> None:
+        for module, slot, entries, baked in saved:
+            now = _SLOTS.get(module)
+            if slot is None:
+                if now is not None and not now.fixed:
+                    now.entries = []
+                    release_module(module)
+                continue
+            if now is slot and len(slot.entries) == len(entries) and all(
+                    e is e0 and e.strength == s0 for e, (e0, s0) in zip(slot.entries, entries)):
+                continue
+            _SLOTS[module] = slot
+            slot.entries = [e for e, _ in entries]
+            for e, s in entries:
+                e.strength = s
+            if slot.fixed:
+                slot.baked = min(slot.baked, baked)
+            else:
+                slot.write()
+
+    return restore
+
+
 @torch.inference_mode(False)
 @torch.no_grad()
 def _private(param: torch.Tensor) -> torch.Tensor:
@@ -312,6 +355,12 @@ BACKUP = "backup"  # Loaded.extra key: the backup mode asked for by load(..., ba
 
 def _where(t) -> str:
     return f"{t.component + '.' if t.component else ''}{t.module_name}"
+
+
+def _label(targets) -> None:
+    for t in targets:
+        slot = _SLOTS[t.module]
+        slot.label = slot.label or _where(t)
 
 
 def _check_order(targets) -> None:
@@ -427,6 +476,7 @@ def apply(loaded) -> None:
     _check_storage(loaded.targets)
     new = _entries(loaded, loaded.targets)
     created, copies = _new_slots([m for m in new if m not in _SLOTS], _mode(loaded))
+    _label(loaded.targets)
     _rewrite([(_SLOTS[m], [*_SLOTS[m].entries, *es]) for m, es in new.items()], created, copies, loaded.name)
     _report_rounding(loaded, [_SLOTS[m] for m in new])
 
@@ -492,6 +542,7 @@ def hotswap(loaded, targets) -> None:
     _refuse_fixed([(_SLOTS[m], w) for m, w in old.items() if m in _SLOTS], loaded.name, "hotswap")
     new = _entries(loaded, targets)
     created, copies = _new_slots([m for m in new if m not in _SLOTS], _mode(loaded))
+    _label(targets)
     pairs = [(_SLOTS[m], _replace(_SLOTS[m].entries, loaded.name, es)) for m, es in new.items()]
     pairs += [(_SLOTS[m], [e for e in _SLOTS[m].entries if e.name != loaded.name])
               for m in old if m not in new and m in _SLOTS]
