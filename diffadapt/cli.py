@@ -1,5 +1,6 @@
 """Command line: ``diffadapt inspect FILE…``, ``diffadapt convert SRC DEST --to kohya|peft``,
-``diffadapt generate --prompt … --adapter FILE:W``, ``diffadapt merge A:W B:W --out M``, ``diffadapt studio``."""
+``diffadapt generate --prompt … --adapter FILE:W``, ``diffadapt merge A:W B:W --out M``, ``diffadapt studio``,
+``diffadapt train …`` (diffusers' DreamBooth flags)."""
 
 from __future__ import annotations
 
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_merge)
     sub.add_parser("studio", add_help=False,
                    help="Gradio studio to stack adapter styles (diffadapt studio --help for its options)")
+    sub.add_parser("train", add_help=False,
+                   help="DreamBooth-train a LoRA/LoHa/LoKr/OFT/WaveFT adapter (diffadapt train --help for its options)")
     return parser
 
 
@@ -263,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["studio"]:  # its own options, parsed by ui/studio.py
             return _studio(argv[1:])
+        if argv[:1] == ["train"]:  # its own options (diffusers' DreamBooth flags), parsed by diffadapt.train
+            from .train import main as train_main
+
+            return train_main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except DiffAdaptError as e:
