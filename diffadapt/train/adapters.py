@@ -12,7 +12,7 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 
 def peft_config(method: str, *, rank: int, alpha: float, targets: list[str], model: torch.nn.Module):
-    """The peft config of ``method``. ``rank`` is the LoRA/LoHa/LoKr rank, OFT's block count per layer, and
+    """The peft config of ``method``. ``rank`` is the LoRA/LoHa/LoKr rank, OFT's block size, and
     for WaveFT the number of trained coefficients of a rank-``rank`` LoRA on each layer (same budget)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, WaveFTConfig
 
@@ -23,7 +23,7 @@ def peft_config(method: str, *, rank: int, alpha: float, targets: list[str], mod
     if method == "lokr":
         return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, init_weights=True)
     if method == "oft":
-        return OFTConfig(r=rank, oft_block_size=0, target_modules=targets, init_weights=True)
+        return OFTConfig(r=0, oft_block_size=rank, target_modules=targets, init_weights=True)
     if method == "waveft":
         pattern = {}
         for name, m in model.named_modules():

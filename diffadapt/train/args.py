@@ -117,7 +117,7 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
     g = p.add_argument_group("adapter")
     add = g.add_argument
     add("--method", choices=METHODS, default="lora", help="adapter type")
-    add("--rank", type=int, default=4, help="rank (LoRA/LoHa/LoKr), blocks per layer (OFT), or for WaveFT the "
+    add("--rank", type=int, default=4, help="rank (LoRA/LoHa/LoKr), block size (OFT; must divide the layer widths), or for WaveFT the "
         "coefficient count of a rank-r LoRA")
     add("--alpha", type=float, help="LoRA/LoHa/LoKr alpha (scale alpha/rank; default: the rank)")
     add("--train_text_encoder", action="store_true", help="also train the CLIP text encoder(s)")

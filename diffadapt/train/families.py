@@ -87,6 +87,11 @@ def load_pipeline(family: Family, name_or_path: str, *, revision: str | None, va
     from diffusers import DiffusionPipeline
 
     extra = {"safety_checker": None, "requires_safety_checker": False} if family.name == "sd1" else {}
+    index = Path(name_or_path).expanduser() / "model_index.json"
+    if index.is_file():  # components saved as absent (SD3 without T5) must be passed as None explicitly
+        entries = json.loads(index.read_text())
+        extra.update({k: None for k, v in entries.items()
+                      if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None})
     if torch_dtype is not None:
         extra["torch_dtype"] = torch_dtype
     pipe = DiffusionPipeline.from_pretrained(name_or_path, revision=revision, variant=variant, **extra)
