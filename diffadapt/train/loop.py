@@ -52,7 +52,9 @@ def _accelerator(config: TrainConfig, output_dir: Path):
 
     AcceleratorState._reset_state()  # a process-wide singleton: each run picks its own precision
     log_with = None if config.report_to == "none" else config.report_to
-    return Accelerator(gradient_accumulation_steps=config.gradient_accumulation_steps,
+    # torchrun without GPUs: accelerate only goes multi-process on CPU (gloo) when told it is on CPU
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=cpu, gradient_accumulation_steps=config.gradient_accumulation_steps,
                        mixed_precision=config.mixed_precision, log_with=log_with,
                        project_config=ProjectConfiguration(project_dir=str(output_dir),
                                                            logging_dir=str(output_dir / config.logging_dir)))
