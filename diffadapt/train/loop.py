@@ -131,7 +131,7 @@ def _encode(family, encoders, ids, joint_dim, *, grad: bool) -> dict[str, torch.
         return families.encode(family, encoders, ids, joint_dim=joint_dim)
 
 
-def _validate(config: TrainConfig, pipe, accelerator, *, step: int, seed: int, models) -> None:
+def _validate(config: TrainConfig, pipe, accelerator, *, step: int, seed: int, models, tag: str) -> None:
     """Images from --validation_prompt with the adapters being trained; saved and sent to the trackers."""
     import numpy as np
 
@@ -146,7 +146,7 @@ def _validate(config: TrainConfig, pipe, accelerator, *, step: int, seed: int, m
     folder = Path(config.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
-        img.save(folder / f"step-{step:06d}-{i}.png")
+        img.save(folder / f"{tag}-{i}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack([np.asarray(img) for img in images]), step,
@@ -321,7 +321,8 @@ def train(config: TrainConfig) -> TrainResult:
         epoch = (micro + 1) // batches.per_epoch - 1
         if config.validation_prompt and end_of_epoch and epoch % config.validation_epochs == 0:
             if accelerator.is_main_process:
-                _validate(config, pipe, accelerator, step=global_step, seed=seed, models=models)
+                _validate(config, pipe, accelerator, step=global_step, seed=seed, models=models,
+                          tag=f"step-{global_step}")
             accelerator.wait_for_everyone()
     bar.close()
 
@@ -333,7 +334,7 @@ def train(config: TrainConfig) -> TrainResult:
         result.written = export.write(adapters, peft_configs, output_dir=plan.output_dir,
                                       formats=config.save_format, meta=meta, pipe=pipe)
         if config.validation_prompt:
-            _validate(config, pipe, accelerator, step=global_step, seed=seed, models=models)
+            _validate(config, pipe, accelerator, step=global_step, seed=seed, models=models, tag="final")
     result.steps = global_step
     accelerator.wait_for_everyone()
     accelerator.end_training()
