@@ -3,6 +3,9 @@ diffusers' loader and kohya's keys, kill-and-resume bit-equality, prior preserva
 
 import functools
 import json
+import runpy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from diffadapt.train import build_parser, checkpoint, data, families, main, trai
 from diffadapt.train.args import parse_args
 
 PROMPT = "a photo of sks dog"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_flux_pipeline(seed: int = 0):
@@ -184,6 +188,11 @@ def test_resume_after_kill_is_bit_identical(models, images, tmp_path, monkeypatc
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (cut / ".checkpoint-4.tmp").exists()
 
+    # --overwrite: a new run never mixes in the previous run's text-encoder adapter or resumes its checkpoints
+    _run(models, images, cut, "sd1", "--max_train_steps", "1", "--save_format", "diffusers", "--overwrite")
+    assert not any(k.startswith("text_encoder.") for k in load_file(cut / "pytorch_lora_weights.safetensors"))
+    assert checkpoint.checkpoints(cut) == []
+
 
 def test_prior_preservation_generates_and_batches_class_images(models, images, tmp_path, monkeypatch):
     class_dir = tmp_path / "class"
@@ -244,7 +253,8 @@ def test_exif_orientation_and_crops(tmp_path):
     assert len(crops) > 1 and all(left == 0 and 0 <= top <= 16 for top, left in crops)
 
 
-def test_every_option_has_help_and_diffusers_names():
+def test_every_option_has_help_and_diffusers_names(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train_dreambooth.py", "--help"])
     actions = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
     assert all(a.help for a in actions), [a.dest for a in actions if not a.help]
     names = {s for a in actions for s in a.option_strings}
@@ -257,6 +267,12 @@ def test_every_option_has_help_and_diffusers_names():
                  "center_crop", "random_flip", "method", "alpha", "cache_latents", "snr_gamma", "noise_offset",
                  "save_format"]:
         assert f"--{flag}" in names, flag
+    for entry in (lambda: cli_main(["train", "--help"]),
+                  lambda: runpy.run_path(str(ROOT / "training" / "train_dreambooth.py"), run_name="__main__")):
+        with pytest.raises(SystemExit) as exit_info:
+            entry()
+        assert exit_info.value.code == 0
+        assert "--pretrained_model_name_or_path" in capsys.readouterr().out
     assert parse_args(["--pretrained-model-name-or-path", "m", "--instance-data-dir", "i", "--instance-prompt", "p",
                        "--max-train-steps", "3"]).max_train_steps == 3
 

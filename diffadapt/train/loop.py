@@ -48,13 +48,15 @@ def _seed(config: TrainConfig, plan: Plan, accelerator) -> int:
 def _accelerator(config: TrainConfig, output_dir: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     AcceleratorState._reset_state()  # a process-wide singleton: each run picks its own precision
     log_with = None if config.report_to == "none" else config.report_to
     # torchrun without GPUs: accelerate only goes multi-process on CPU (gloo) when told it is on CPU
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=cpu, gradient_accumulation_steps=config.gradient_accumulation_steps,
+    # SDXL/SD3 condition on the penultimate CLIP layer: the last layer's text-encoder adapters get no gradient
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.train_text_encoder)
+    return Accelerator(cpu=cpu, kwargs_handlers=[ddp], gradient_accumulation_steps=config.gradient_accumulation_steps,
                        mixed_precision=config.mixed_precision, log_with=log_with,
                        project_config=ProjectConfiguration(project_dir=str(output_dir),
                                                            logging_dir=str(output_dir / config.logging_dir)))
