@@ -77,7 +77,7 @@ def _prepare_output(config: TrainConfig, plan: Plan, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def _class_images(config: TrainConfig, plan: Plan, pipe, accelerator, seed: int) -> list[Path]:
+def _class_images(config: TrainConfig, plan: Plan, pipe, accelerator, seed: int, weight_dtype) -> list[Path]:
     if plan.class_dir is None:
         return []
     have = data.list_images(plan.class_dir, what="--class_data_dir", allow_missing=True)
@@ -85,7 +85,7 @@ def _class_images(config: TrainConfig, plan: Plan, pipe, accelerator, seed: int)
         precision = config.prior_generation_precision
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             precision or ("fp16" if accelerator.device.type == "cuda" else "fp32"), torch.float32)
-        gen_pipe = pipe if dtype == torch.float32 else families.load_pipeline(  # never round-trip base weights
+        gen_pipe = pipe if dtype == weight_dtype else families.load_pipeline(  # never round-trip base weights
             plan.family, config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
             torch_dtype=dtype)
         gen_pipe.to(accelerator.device)
@@ -179,14 +179,17 @@ def train(config: TrainConfig) -> TrainResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     show = accelerator.is_local_main_process
 
-    pipe = families.load_pipeline(family, config.pretrained_model_name_or_path, revision=config.revision,
-                                  variant=config.variant)
-    classes = _class_images(config, plan, pipe, accelerator, seed)
+    # frozen weights are loaded straight in the autocast precision (no fp32 copy of a large model in memory)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe = families.load_pipeline(family, config.pretrained_model_name_or_path, revision=config.revision,
+                                  variant=config.variant, torch_dtype=weight_dtype)
+    classes = _class_images(config, plan, pipe, accelerator, seed, weight_dtype)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
-            module.to(device) if weight_dtype == torch.float32 else module.to(device=device, dtype=weight_dtype)
+            module.to(device)
+    if family.name == "sdxl" and weight_dtype == torch.float16:
+        pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' SDXL scripts do the same)
 
     denoiser = getattr(pipe, family.denoiser)
     encoders = [getattr(pipe, n, None) for n in family.text_encoders]
@@ -236,7 +239,7 @@ def train(config: TrainConfig) -> TrainResult:
     vae_scale = 2 ** (len(vae_config.block_out_channels) - 1)
     if config.cache_latents:
         _cache_latents(dataset, vae, batch=config.train_batch_size, flips=config.random_flip, device=device,
-                       dtype=weight_dtype, show=show)
+                       dtype=vae.dtype, show=show)
         if config.validation_prompt is None:  # nothing else needs the VAE (or frozen text encoders)
             vae.to_empty(device="meta")
             if fixed is not None:
@@ -266,7 +269,7 @@ def train(config: TrainConfig) -> TrainResult:
             gen = torch.Generator("cpu").manual_seed(data.torch_seed(seed, 4, micro, rank))
             if "pixels" in batch:
                 with torch.no_grad():
-                    dist = vae.encode(batch["pixels"].to(device, weight_dtype)).latent_dist
+                    dist = vae.encode(batch["pixels"].to(device, vae.dtype)).latent_dist
                 mean, std = dist.mean.float(), dist.std.float()
             else:
                 mean, std = batch["mean"].to(device), batch["std"].to(device)
