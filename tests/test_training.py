@@ -324,3 +324,29 @@ def test_bad_input_is_one_line_exit_2_before_loading(models, images, tmp_path, c
         assert message in err and "\n" not in err, (extra, err)
     assert cli_main(["train", *_args(models, images, tmp_path / "out", "sd1", "--max_train_steps", "0")]) == 2
     assert "--max_train_steps 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_prompt_encoding_matches_the_pipelines_own(family):
+    """The trainer encodes prompts itself (through the prepared encoders); it must condition exactly as inference."""
+    pipe, _ = _base(family)
+    fam = next(f for f in families.FAMILIES.values() if f.name == family)
+    encoders = [getattr(pipe, n, None) for n in fam.text_encoders]
+    joint = getattr(getattr(pipe, "transformer", None), "config", None)
+    with torch.no_grad():
+        ours = families.encode(fam, encoders, families.tokenize(fam, pipe, PROMPT),
+                               joint_dim=getattr(joint, "joint_attention_dim", None))
+        if family == "sd1":
+            theirs = {"hidden": pipe.encode_prompt(PROMPT, "cpu", 1, False)[0]}
+        elif family == "sdxl":
+            out = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
+            theirs = {"hidden": out[0], "pooled": out[2]}
+        elif family == "sd3":
+            out = pipe.encode_prompt(PROMPT, PROMPT, PROMPT, device="cpu", do_classifier_free_guidance=False)
+            theirs = {"hidden": out[0], "pooled": out[2]}
+        else:
+            out = pipe.encode_prompt(PROMPT, PROMPT, device="cpu", max_sequence_length=77)
+            theirs = {"hidden": out[0], "pooled": out[1]}
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert ours[k].shape == theirs[k].shape and torch.equal(ours[k], theirs[k]), k
