@@ -235,6 +235,24 @@ def test_stock_diffusers_reads_the_lora_output(models, images, tmp_path):
     assert meta["modelspec.trigger_phrase"] == PROMPT and json.loads(meta["lora_adapter_metadata"])
 
 
+def test_sd2_v_prediction_with_min_snr(models, images, tmp_path, monkeypatch):
+    pipe = testing.tiny_sd1_pipeline()
+    pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    pipe.save_pretrained(tmp_path / "sd2")
+    targets = []
+    real = families.add_noise
+
+    def spy(family, scheduler, latents, noise, u):
+        out = real(family, scheduler, latents, noise, u)
+        targets.append(torch.equal(out.target, scheduler.get_velocity(latents, noise, out.timesteps)))
+        return out
+
+    monkeypatch.setattr(families, "add_noise", spy)
+    result = train(parse_args(_args(tmp_path, images, tmp_path / "out", "sd2", "--snr_gamma", "5")))
+    assert targets == [True, True] and all(np.isfinite(result.losses))
+    assert set(da.inspect(tmp_path / "out" / "adapter.safetensors").methods) == {"lora"}
+
+
 def test_exif_orientation_and_crops(tmp_path):
     img = Image.new("RGB", (40, 20), (0, 0, 0))
     img.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
