@@ -135,11 +135,13 @@ def run_side(side: str, argv: list[str], reference: str | None, result: Path) ->
     import torch
 
     stamps: list[tuple[float, float]] = []
+    threads: set[int] = set()
     step = torch.optim.AdamW.step
 
     def timed_step(self, *a, **k):
         out = step(self, *a, **k)
         stamps.append((time.perf_counter(), time.process_time()))
+        threads.add(torch.get_num_threads())
         return out
 
     torch.optim.AdamW.step = timed_step
@@ -164,6 +166,7 @@ def run_side(side: str, argv: list[str], reference: str | None, result: Path) ->
         return gaps[len(gaps) // 2] if gaps else None
 
     result.write_text(json.dumps({"steps": len(stamps), "s_per_step": median_gap(0), "cpu_s_per_step": median_gap(1),
+                                  "threads": sorted(threads),
                                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
