@@ -184,7 +184,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per side (the first is not timed)")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--threads", type=int, default=2, help="torch threads per side")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per side (1: no OpenMP spin-waits on a busy machine)")
     p.add_argument("--model", help="a diffusers SD1 folder to use instead of the SD1.5-size random one")
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     if sys.argv[1:2] == ["--side"]:  # child: everything after its own four options goes to the trainer
