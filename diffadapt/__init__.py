@@ -16,6 +16,7 @@ from .errors import (
     ShapeError,
     SourceError,
     UnsupportedError,
+    WriteError,
 )
 from .spec import AdapterInfo
 
@@ -26,5 +27,5 @@ __all__ = [
     "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "get_weights", "enable", "disable", "merge",
     "hotswap", "prepare_hotswap", "using",
     "DiffAdaptError", "SourceError", "FormatError", "PickleRefusedError", "KeyMappingError", "ShapeError",
-    "NonFiniteError", "UnsupportedError", "AdapterNotFoundError",
+    "NonFiniteError", "UnsupportedError", "AdapterNotFoundError", "WriteError",
 ]

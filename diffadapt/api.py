@@ -6,21 +6,27 @@ import os
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from . import backends, io
 from .errors import AdapterNotFoundError, DiffAdaptError
 from .info import summarize
 from .keys import build_spec
 from .mixing import component_counts
-from .pipeline import Loaded, registry, resolve
+from .pipeline import Loaded, registry, resolve, tensor_bound
 from .spec import AdapterInfo, AdapterSpec
+from .transaction import writing
 from .weights import validate as validate_weight
 
 
-def read_spec(source: Any, *, allow_pickle: bool = False) -> AdapterSpec:
-    """Read and parse a source into the canonical spec (no model needed)."""
+def read_spec(source: Any, *, allow_pickle: bool = False, target: Any = None) -> AdapterSpec:
+    """Read and parse a source into the canonical spec (no model needed). With ``target``, tensors larger
+    than any of its layers could use are refused from the file's header, before the data is read."""
     if isinstance(source, AdapterSpec):
         return source
-    return build_spec(io.read(source, allow_pickle=allow_pickle))
+    # a bare module may be given a whole pipeline's file (components that do not fit are skipped): no bound
+    bound = None if target is None or isinstance(target, nn.Module) else tensor_bound(target)
+    return build_spec(io.read(source, allow_pickle=allow_pickle, max_numel=bound))
 
 
 def inspect(source: Any, *, allow_pickle: bool = False) -> AdapterInfo:
@@ -55,40 +61,46 @@ def load(
     """Load an adapter into a pipeline or module; returns its summary. A failed load changes nothing."""
     backend = backends.get(mode)
     reg = registry(target)
+    with reg.lock:  # an early answer, before reading a file; checked again when writing
+        if name is not None and name in reg.adapters:
+            raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
+    weight = validate_weight(weight, where="weight", counts=component_counts(target))
+    spec = read_spec(source, allow_pickle=allow_pickle, target=target)  # file and hub I/O: outside the lock
     with reg.lock:
         if name is not None and name in reg.adapters:
             raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
-        weight = validate_weight(weight, where="weight", counts=component_counts(target))
-        spec = read_spec(source, allow_pickle=allow_pickle)
         targets = resolve(target, spec, strict=strict)
         name = name or _default_name(source, reg.adapters)
         info = summarize(spec, name=name)
-        loaded = Loaded(name=name, spec=spec, info=info, targets=targets, mode=mode, weight=weight)
-        backend.apply(loaded)
-        reg.adapters[name] = loaded
         info.weight, info.mode = weight, mode
+        loaded = Loaded(name=name, spec=spec, info=info, targets=targets, mode=backend.NAME, weight=weight)
+        with writing(reg) as tx:
+            tx.apply(loaded)
+            reg.adapters[name] = loaded
         return info
 
 
 def unload(target: Any, name: str | None = None) -> None:
-    """Remove one adapter (or all); base weights come back bit-exactly."""
+    """Remove one adapter (or all); base weights come back bit-exactly. A failed unload changes nothing."""
     reg = registry(target)
     with reg.lock:
         names = list(reg.adapters) if name is None else [name]
-        for n in names:
-            loaded = reg.adapters.get(n)
-            if loaded is None:
-                raise AdapterNotFoundError(f"no adapter named '{n}' is loaded (loaded: {sorted(reg.adapters)})")
-            backends.get(loaded.mode).remove(loaded)
-            del reg.adapters[n]
+        missing = [n for n in names if n not in reg.adapters]
+        if missing:
+            raise AdapterNotFoundError(f"no adapter named '{missing[0]}' is loaded (loaded: {sorted(reg.adapters)})")
+        with writing(reg) as tx:
+            for n in reversed(names):  # newest first: each removal sees the stack it was loaded onto
+                tx.remove(reg.adapters[n])
+            for n in names:
+                del reg.adapters[n]
 
 
 def adapters(target: Any) -> dict[str, AdapterInfo]:
     """Loaded adapters by name, each with its current weight and mode."""
     reg = registry(target)
     out = {}
-    for n, loaded in reg.adapters.items():
-        loaded.info.weight, loaded.info.enabled, loaded.info.mode = loaded.weight, loaded.enabled, loaded.mode
-        out[n] = loaded.info
+    with reg.lock:
+        for n, loaded in reg.adapters.items():
+            loaded.info.weight, loaded.info.enabled, loaded.info.mode = loaded.weight, loaded.enabled, loaded.mode
+            out[n] = loaded.info
     return out
-

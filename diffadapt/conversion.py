@@ -33,7 +33,7 @@ from .export.peft_files import write_peft
 from .info import guess_family
 from .io import write_safetensors
 from .keys.kohya import diffusers_to_ldm
-from .pipeline import Target, components, pipeline_family, registry, resolve
+from .pipeline import Target, components, model_family, registry, resolve
 from .spec import AdapterSpec, RawAdapter
 
 FORMATS = ("kohya", "peft")
@@ -82,6 +82,17 @@ def architecture(family: str):
         return SimpleNamespace(components={"unet": sdxl_unet(device="meta"),
                                            "text_encoder": sd15_text_encoder(device="meta"),  # CLIP ViT-L, as SD1.5
                                            "text_encoder_2": _bigg_text_encoder()})
+    if family in ("flux", "sd3"):
+        from .architectures import flux_dev_transformer, sd35_large_transformer, t5_xxl_encoder
+
+        if family == "flux":
+            return SimpleNamespace(components={"transformer": flux_dev_transformer(device="meta"),
+                                               "text_encoder": sd15_text_encoder(device="meta"),
+                                               "text_encoder_2": t5_xxl_encoder(device="meta")})
+        return SimpleNamespace(components={"transformer": sd35_large_transformer(device="meta"),
+                                           "text_encoder": sd15_text_encoder(device="meta"),
+                                           "text_encoder_2": _bigg_text_encoder(),
+                                           "text_encoder_3": t5_xxl_encoder(device="meta")})
     return None
 
 
@@ -100,7 +111,7 @@ def _model(model: Any):
     if isinstance(model, str):
         arch = architecture(model)
         if arch is None:
-            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl); "
+            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl, flux, sd3); "
                                  "pass a pipeline or module")
         return arch
     return model
@@ -127,6 +138,21 @@ def _items_from_targets(targets: list[Target]) -> list[Item]:
                  kind=module_kind(t.module), shape=tuple(t.module.weight.shape)) for t in targets]
 
 
+def _native_items(loaded) -> list[Item] | None:
+    """A DiT adapter read from native names (Flux BFL, SD3 MMDiT, Wan) goes back to kohya under those names —
+    fused modules whole (``double_blocks_0_img_attn_qkv``), as sd-scripts / musubi-tuner write them; text
+    encoders as usual. None when any denoiser module came from diffusers or XLabs names."""
+    from .keys.dit import native_kohya_names
+
+    names = native_kohya_names(loaded.spec.patches)
+    if names is None:
+        return None
+    resolved = {t.patch.original_key for t in loaded.targets}  # strict=False may have left some out
+    items = [Item(component="unet", module=names[id(p)], dotted=False, params=p.params)
+             for p in loaded.spec.patches if id(p) in names and p.original_key in resolved]
+    return items + [i for i in _items_from_targets(loaded.targets) if i.component not in ("transformer", "unet")]
+
+
 def _file_ndim(raw: RawAdapter | None, patch) -> int | None:
     """A kohya module's weight rank, read off the file's own shaped tensors (LyCORIS writes rescale and
     dora_scale as (out, 1, …)); params keep them flat, and a file written back must keep the shapes."""
@@ -149,21 +175,20 @@ def _write(items: list[Item], dest: Path, *, to: str, family: str, dtype, metada
            single_file: bool | None, to_ldm=None) -> list[str]:
     if not items:
         raise DiffAdaptError(f"{where}: no modules left to write (all excluded?)")
-    try:
-        return _write_format(items, dest, to=to, family=family, dtype=dtype, metadata=metadata, where=where,
-                             single_file=single_file, to_ldm=to_ldm)
-    except OSError as e:
-        raise DiffAdaptError(f"{dest}: cannot write: {e}") from e
+    with io.staged(dest) as out:  # written beside dest, then renamed over it: never partial, nothing stale
+        paths = _write_format(items, dest, out, to=to, family=family, dtype=dtype, metadata=metadata, where=where,
+                              single_file=single_file, to_ldm=to_ldm)
+    return [str(dest / Path(p).relative_to(out)) if Path(p) != out else str(dest) for p in paths]
 
 
-def _write_format(items, dest, *, to, family, dtype, metadata, where, single_file, to_ldm) -> list[str]:
+def _write_format(items, dest, out, *, to, family, dtype, metadata, where, single_file, to_ldm) -> list[str]:
     if to == "kohya":
         sd = kohya_state_dict(items, family=family, dtype=dtype, to_ldm=to_ldm, where=where)
         meta = kohya_metadata(items, family=family, title=dest.stem, source=metadata)
-        write_safetensors(dest, sd, meta)
-        return [str(dest)]
+        write_safetensors(out, sd, meta)
+        return [str(out)]
     single = dest.suffix == ".safetensors" if single_file is None else single_file
-    return write_peft(items, dest, single_file=single, dtype=dtype, metadata=metadata, where=where)
+    return write_peft(items, out, single_file=single, dtype=dtype, metadata=metadata, where=where)
 
 
 def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None, exclude: Iterable[str] = (),
@@ -188,8 +213,19 @@ def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None,
     kept = [p for p in spec.patches if not excluded(p, patterns)]
     sub = AdapterSpec(patches=kept, fmt=spec.fmt, source=spec.source, metadata=spec.metadata, configs=spec.configs)
     target = _model(model) if model is not None else None
-    family = pipeline_family(target) if target is not None else guess_family(spec)
-    if target is None and to == "peft" and any(not p.dotted for p in kept):
+    family = model_family(target) if target is not None else guess_family(spec)
+    # kohya names need the module tree for PEFT output; fused modules (Flux qkv …) need it unless they go back
+    # to kohya under their native names (sd-scripts / musubi-tuner), which needs no model
+    from .keys.dit import native_kohya_names
+
+    native = native_kohya_names(kept) if to == "kohya" and model is None else None
+    if native:
+        items = [Item(component="unet", module=native[id(p)], dotted=False, params=p.params, ndim=_file_ndim(raw, p))
+                 for p in kept if id(p) in native]
+        rest = AdapterSpec(patches=[p for p in kept if id(p) not in native], fmt=spec.fmt, source=spec.source)
+        return _write(items + _items_from_spec(rest, raw), path, to=to, family=family, dtype=dtype,
+                      metadata=spec.metadata, where=spec.source, single_file=single_file, to_ldm=None)
+    if target is None and ((to == "peft" and any(not p.dotted for p in kept)) or any(p.fused for p in kept)):
         target = architecture(family)
         if target is None:
             raise DiffAdaptError(
@@ -215,12 +251,15 @@ def save(target: Any, name: str, path: str | os.PathLike, *, format: str = "kohy
     """Write a loaded adapter (its tensors as loaded, strength 1) in kohya or PEFT format; returns the paths."""
     dest = _check_request(format, path, overwrite)
     dtype = parse_dtype(dtype)
-    loaded = registry(target).adapters.get(name)
-    if loaded is None:
-        raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(registry(target).adapters)})")
+    reg = registry(target)
+    with reg.lock:  # a consistent view of the record; the writing happens outside the lock
+        loaded = reg.adapters.get(name)
+        if loaded is None:
+            raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(reg.adapters)})")
+        items, spec = _items_from_targets(loaded.targets), loaded.spec
+        items = (_native_items(loaded) if format == "kohya" else None) or items
     bare = isinstance(target, nn.Module)
-    family = guess_family(loaded.spec) if bare else pipeline_family(target)
-    return _write(_items_from_targets(loaded.targets), dest, to=format, family=family, dtype=dtype,
-                  metadata=loaded.spec.metadata, where=f"adapter '{name}'", single_file=single_file,
-                  to_ldm=None if bare else _to_ldm(target, family))
+    family = guess_family(spec) if bare else model_family(target)
+    return _write(items, dest, to=format, family=family, dtype=dtype, metadata=spec.metadata,
+                  where=f"adapter '{name}'", single_file=single_file, to_ldm=None if bare else _to_ldm(target, family))
 
