@@ -295,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args = build_parser().parse_args(argv)
-        except SystemExit as e:  # usage errors (2) and --help (0): a code, not an exception, for callers
+        except SystemExit as e:  # a usage error: its code for callers (--help still exits as argparse does)
+            if e.code in (0, None):
+                raise
             return e.code if isinstance(e.code, int) else 2
         return args.func(args)
     except DiffAdaptError as e:
