@@ -408,6 +408,35 @@ def test_reads_never_see_a_registry_changing_under_them(base, files):
     assert param_hashes(pipe) == param_hashes(base)
 
 
+@pytest.mark.parametrize("verb", ["load", "hotswap", "using"])
+def test_sources_are_read_outside_the_lock(loaded, files, monkeypatch, verb):
+    """A slow read (a hub lookup retrying offline) must not stall other requests on the pipeline."""
+    started, release, original = threading.Event(), threading.Event(), io.read
+
+    def slow_read(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(io, "read", slow_read)
+    def request():
+        with da.using(loaded, {"c": files["c"]}):
+            pass
+
+    run = {"load": lambda: da.load(loaded, files["c"], "c"),
+           "hotswap": lambda: da.hotswap(loaded, name="a", source=files["c"]), "using": request}[verb]
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert started.wait(10)
+    lock = registry(loaded).lock
+    free = lock.acquire(timeout=2)
+    if free:
+        lock.release()
+    release.set()
+    worker.join()
+    assert free, f"{verb} held the pipeline's lock while reading its source"
+
+
 def test_lock_is_first_come_first_served_reentrant_and_bounded():
     lock, order, queued = FairRLock(), [], []
     lock.acquire()
