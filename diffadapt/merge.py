@@ -70,8 +70,8 @@ def _stack_delta(sources: list[Source]) -> torch.Tensor:
         raise UnsupportedError(f"merging {', '.join(kinds)} (OFT / DoRA) needs the base model's weights; "
                                "pass a real model")
     if any(t.params.bias_delta() is not None for t in terms):
-        raise UnsupportedError("a full/diff adapter with a bias delta ('diff_b') cannot be merged into a LoRA, "
-                               "which has no bias; merge without it")
+        raise UnsupportedError("an adapter with a bias delta ('diff_b') cannot be merged into a LoRA, which has "
+                               "no bias; merge without it")
     return composed_delta(sources[0].base, sources[0].base.shape, terms)
 
 
