@@ -346,6 +346,32 @@ def test_fp16_adapter_overflowing_an_fp16_model():
     assert bool(torch.isfinite(half.layer.weight).all())
 
 
+@pytest.mark.parametrize("algo, kwargs", [("loha", {}), ("lokr", {}), ("lokr", {"factor": 4}),
+                                           ("lokr", {"decompose_both": True, "factor": 4})],
+                         ids=["loha", "lokr", "lokr-factor", "lokr-both"])
+def test_factor_bounds_hold(base, algo, kwargs):
+    """The bound that spares a scan of every written value is a true bound of max|ΔW| (else overflow passes)."""
+    from diffadapt.api import read_spec
+
+    sd, _ = lycoris_file(base.unet, algo=algo, prefix="lora_unet", seed=5, std=0.5, **kwargs)
+    checked = 0
+    for p in read_spec(sd).patches:
+        bound = p.params.abs_bound()
+        if bound is None:
+            continue
+        shape = _shape(base.unet, p)
+        assert float(p.params.to(dtype=torch.float32).delta(shape).abs().max()) <= bound * (1 + 1e-6)
+        checked += 1
+    assert checked > 5
+
+
+def _shape(unet, patch):
+    from diffadapt.keys import ModuleIndex
+
+    index = ModuleIndex(unet)
+    return index.modules[index.find(patch.module_key, dotted=patch.dotted)].weight.shape
+
+
 # -- races and the lock ---------------------------------------------------------------------------------
 
 
