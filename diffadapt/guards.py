@@ -29,7 +29,9 @@ def _range(dtype: torch.dtype) -> float:
 def _w0_max(slot) -> float:
     cached = getattr(slot, "_w0_absmax", None)
     if cached is None:
-        cached = float(slot.original.detach().abs().amax()) if slot.original.numel() else 0.0
+        w0 = slot.original.detach()
+        lo, hi = torch.aminmax(w0) if w0.numel() else (torch.zeros(()), torch.zeros(()))  # one pass, no |W0| copy
+        cached = max(-float(lo), float(hi))
         slot._w0_absmax = cached
     return cached
 
