@@ -26,10 +26,15 @@ def _range(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """float8 has no reductions on CPU: such weights are read in float32."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def _w0_max(slot) -> float:
     cached = getattr(slot, "_w0_absmax", None)
     if cached is None:
-        w0 = slot.original.detach()
+        w0 = _wide(slot.original.detach())
         lo, hi = torch.aminmax(w0) if w0.numel() else (torch.zeros(()), torch.zeros(()))  # one pass, no |W0| copy
         cached = max(-float(lo), float(hi))
         slot._w0_absmax = cached
@@ -56,6 +61,7 @@ def _bound(live) -> float | None:
 
 def _finite(t: torch.Tensor) -> bool:
     """A finite sum proves every value finite (one read pass, no mask); only a non-finite sum needs the scan."""
+    t = _wide(t)
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
