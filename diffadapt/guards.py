@@ -2,13 +2,14 @@
 
 Inputs are already finite (factors at parse time, configs when read, weights when validated), so only the
 arithmetic can overflow: finite factors whose product exceeds float32, or an adapter that pushes an fp16
-weight past 65504. Checking every written value would add a pass over every weight to each load (≈ a third
-of its time), so the common case is proven from a bound instead: for a stack of low-rank adapters,
-|ΔW| ≤ Σ |sᵢ|·rᵢ·max|Uᵢ|·max|Dᵢ| (factors only, microseconds; LoHa and LoKr give theirs through
-``Params.abs_bound``), and the weight cannot leave the range when that plus max|W0| stays below it. max|W0| is measured once per module, and only for dtypes whose range an
-adapter can plausibly reach (fp16, fp8); for float32/bfloat16 the base weights are taken to be below 2¹²⁰.
-Anything the bound does not cover (OFT, DoRA, full/diff, Tucker LoHa/LoKr, a large bound) is checked after
-the write: a sum over the written values (one read pass), and a value scan only when that sum is not finite.
+weight past 65504. Checking every written value with ``isfinite`` would cost about a load again, so the common
+case is proven from a bound instead: for a stack of low-rank adapters |ΔW| ≤ Σ |sᵢ|·rᵢ·max|Uᵢ|·max|Dᵢ|
+(factors only, microseconds; LoHa and LoKr give theirs through ``Params.abs_bound``), and the weight cannot
+leave the range when that plus max|W0| stays below it. max|W0| is measured once per module (one ``aminmax``
+pass), and only for dtypes whose range an adapter can plausibly reach (fp16, fp8); for float32/bfloat16 the
+base weights are taken to be below 2¹²⁰. What the bound does not cover (OFT, DoRA, full/diff, Tucker
+LoHa/LoKr, a large bound) is checked after the write: a sum over the written values (one read pass), and a
+value scan only when that sum is not finite.
 """
 
 from __future__ import annotations
