@@ -1,5 +1,6 @@
 """Command line: ``diffadapt inspect FILE…``, ``diffadapt convert SRC DEST --to kohya|peft``,
-``diffadapt generate --prompt … --adapter FILE:W``, ``diffadapt merge A:W B:W --out M``, ``diffadapt studio``."""
+``diffadapt generate --prompt … --adapter FILE:W``, ``diffadapt merge A:W B:W --out M``, ``diffadapt studio``,
+``diffadapt train …`` (diffusers' DreamBooth flags)."""
 
 from __future__ import annotations
 
@@ -287,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("studio", help="Gradio studio to stack adapter styles, with an HTTP API")
     studio_arguments(p).set_defaults(func=_studio)
+    sub.add_parser("train", add_help=False,
+                   help="DreamBooth-train a LoRA/LoHa/LoKr/OFT/WaveFT adapter (diffadapt train --help for its options)")
     return parser
 
 
@@ -294,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         try:
+            if argv[:1] == ["train"]:  # its own options (diffusers' DreamBooth flags), parsed by diffadapt.train
+                from .train import main as train_main
+
+                return train_main(argv[1:])
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # a usage error: its code for callers (--help still exits as argparse does)
             if e.code in (0, None):

@@ -1,0 +1,346 @@
+"""The training run: checks, model, adapters, accelerate, the step loop, checkpoints, validation, export.
+
+Reproducibility: every random draw of a micro-batch (VAE sample, noise, timestep, offset noise) comes from a
+generator seeded by (seed, micro-batch, rank), and data order/augmentation from (seed, epoch, index) — so a
+run resumed from a checkpoint (adapters, optimizer, LR schedule restored by accelerate) continues bit for bit
+as the uninterrupted run would, and every rank draws its own noise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data, export, families
+from .adapters import inject, peft_config
+from .args import TrainConfig
+from .checks import Plan, check
+from .families import CLIP_TARGETS
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # per optimizer step, averaged over processes
+    written: list[str] = field(default_factory=list)
+    seed: int = 0
+    family: str = ""
+    steps: int = 0
+
+
+def _seed(config: TrainConfig, plan: Plan, accelerator) -> int:
+    if plan.resume is not None:
+        return int(checkpoint.read_progress(plan.resume)["seed"])
+    if config.seed is not None:
+        return config.seed
+    from accelerate.utils import broadcast_object_list
+
+    drawn = [int.from_bytes(os.urandom(4), "little") >> 1]
+    broadcast_object_list(drawn)
+    return drawn[0]
+
+
+def _accelerator(config: TrainConfig, output_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    AcceleratorState._reset_state()  # a process-wide singleton: each run picks its own precision
+    log_with = None if config.report_to == "none" else config.report_to
+    # torchrun without GPUs: accelerate only goes multi-process on CPU (gloo) when told it is on CPU
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # SDXL/SD3 condition on the penultimate CLIP layer: the last layer's text-encoder adapters get no gradient
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.train_text_encoder)
+    return Accelerator(cpu=cpu, kwargs_handlers=[ddp], gradient_accumulation_steps=config.gradient_accumulation_steps,
+                       mixed_precision=config.mixed_precision, log_with=log_with,
+                       project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                           logging_dir=str(output_dir / config.logging_dir)))
+
+
+def _prepare_output(config: TrainConfig, plan: Plan, accelerator) -> None:
+    if accelerator.is_main_process:
+        out = plan.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_partial(out)
+        shutil.rmtree(out / ".export.tmp", ignore_errors=True)
+        if config.overwrite:  # a previous run's adapter must never mix into this one
+            stale = [out / n for n in export.OUTPUT_NAMES]
+            if plan.resume is None:
+                stale += checkpoint.checkpoints(out)
+            for p in stale:
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def _class_images(config: TrainConfig, plan: Plan, pipe, accelerator, seed: int, weight_dtype) -> list[Path]:
+    if plan.class_dir is None:
+        return []
+    have = data.list_images(plan.class_dir, what="--class_data_dir", allow_missing=True)
+    if len(have) < config.num_class_images:
+        precision = config.prior_generation_precision
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+            precision or ("fp16" if accelerator.device.type == "cuda" else "fp32"), torch.float32)
+        gen_pipe = pipe if dtype == weight_dtype else families.load_pipeline(  # never round-trip base weights
+            plan.family, config.pretrained_model_name_or_path, revision=config.revision, variant=config.variant,
+            torch_dtype=dtype)
+        gen_pipe.to(accelerator.device)
+        data.generate_class_images(gen_pipe, folder=plan.class_dir, prompt=config.class_prompt,
+                                   wanted=config.num_class_images, have=len(have),
+                                   batch_size=config.sample_batch_size, resolution=config.resolution, seed=seed,
+                                   rank=accelerator.process_index, world=accelerator.num_processes,
+                                   show=accelerator.is_local_main_process)
+        del gen_pipe
+        accelerator.wait_for_everyone()
+        have = data.list_images(plan.class_dir, what="--class_data_dir")
+    return have[: config.num_class_images]
+
+
+def _optimizer(config: TrainConfig, params, lr: float):
+    kwargs = dict(lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
+                  eps=config.adam_epsilon)
+    if config.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def _cache_latents(dataset: data.DreamBoothDataset, vae, *, batch: int, flips: bool, device, dtype,
+                   show: bool) -> None:
+    """VAE distributions of every image (and its mirror image with --random_flip), computed once."""
+    from tqdm.auto import tqdm
+
+    keys = [(kind, j, path, flip) for kind, j, path in dataset.sources() for flip in ((False, True) if flips
+                                                                                       else (False,))]
+    cache = {}
+    for start in tqdm(range(0, len(keys), batch), desc="cache latents", disable=not show):
+        chunk = keys[start:start + batch]
+        preps = [dataset.fixed_crop(kind, j, path, flip) for kind, j, path, flip in chunk]
+        with torch.no_grad():
+            dist = vae.encode(torch.stack([p.pixels for p in preps]).to(device, dtype)).latent_dist
+        for (kind, j, _, flip), prep, mean, std in zip(chunk, preps, dist.mean.float().cpu(), dist.std.float().cpu()):
+            cache[(kind, j, flip)] = (mean, std, prep)
+    dataset.cache = cache
+
+
+def _encode(family, encoders, ids, joint_dim, *, grad: bool) -> dict[str, torch.Tensor]:
+    with torch.set_grad_enabled(grad):
+        return families.encode(family, encoders, ids, joint_dim=joint_dim)
+
+
+def _validate(config: TrainConfig, pipe, accelerator, *, step: int, seed: int, models, tag: str) -> None:
+    """Images from --validation_prompt with the adapters being trained; saved and sent to the trackers."""
+    import numpy as np
+
+    for m in models:
+        m.eval()
+    images = []
+    with torch.no_grad(), accelerator.autocast():
+        for i in range(config.num_validation_images):
+            gen = torch.Generator("cpu").manual_seed(data.torch_seed(seed, 5, i))
+            images += pipe(prompt=config.validation_prompt, generator=gen, height=config.resolution,
+                           width=config.resolution).images
+    folder = Path(config.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        img.save(folder / f"{tag}-{i}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(img) for img in images]), step,
+                                      dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(img, caption=f"{i}: {config.validation_prompt}")
+                                        for i, img in enumerate(images)]}, step=step)
+    for m in models:
+        m.train()
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run DreamBooth training as configured; returns the per-step losses and the files written."""
+    plan = check(config)  # everything that can fail before the model loads
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    accelerator = _accelerator(config, plan.output_dir)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    seed = _seed(config, plan, accelerator)
+    set_seed(seed)
+    _prepare_output(config, plan, accelerator)
+    family, device = plan.family, accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    show = accelerator.is_local_main_process
+
+    # frozen weights are loaded straight in the autocast precision (no fp32 copy of a large model in memory)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe = families.load_pipeline(family, config.pretrained_model_name_or_path, revision=config.revision,
+                                  variant=config.variant, torch_dtype=weight_dtype)
+    classes = _class_images(config, plan, pipe, accelerator, seed, weight_dtype)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.to(device)
+    if family.name == "sdxl" and weight_dtype == torch.float16:
+        pipe.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16 (diffusers' SDXL scripts do the same)
+
+    denoiser = getattr(pipe, family.denoiser)
+    encoders = [getattr(pipe, n, None) for n in family.text_encoders]
+    trained = {family.denoiser: denoiser}
+    if config.train_text_encoder:
+        trained.update({n: getattr(pipe, n) for n in family.trainable_encoders if getattr(pipe, n, None) is not None})
+    peft_configs, params = {}, []
+    for name, module in trained.items():
+        targets = list(family.targets) if name == family.denoiser else CLIP_TARGETS
+        peft_configs[name] = peft_config(config.method, rank=config.rank, alpha=config.network_alpha,
+                                         targets=targets, model=module)
+        params += inject(module, peft_configs[name])
+    if config.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+        for name in trained:
+            if name != family.denoiser:
+                trained[name].gradient_checkpointing_enable()
+
+    dataset = data.DreamBoothDataset(instance=plan.instance_images, classes=classes, resolution=config.resolution,
+                                     center_crop=config.center_crop, random_flip=config.random_flip, seed=seed)
+    batches = data.BatchPlan(n_items=len(dataset), batch_size=config.train_batch_size, world=world, rank=rank,
+                             seed=seed)
+    ga = config.gradient_accumulation_steps
+    max_steps = config.max_train_steps or config.num_train_epochs * math.ceil(batches.per_epoch / ga)
+    lr = config.learning_rate * (ga * config.train_batch_size * world if config.scale_lr else 1)
+    optimizer = _optimizer(config, params, lr)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * world,
+                                 num_training_steps=max_steps * world, num_cycles=config.lr_num_cycles,
+                                 power=config.lr_power)
+    prepared = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    models, optimizer, lr_scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
+    checkpoint.register_hooks(accelerator, dict(trained))
+
+    # conditioning and latents that do not change during training
+    joint_dim = getattr(getattr(pipe, "transformer", None), "config", None)
+    joint_dim = getattr(joint_dim, "joint_attention_dim", None)
+    run_encoders = [models[list(trained).index(n)] if n in trained else e
+                    for n, e in zip(family.text_encoders, encoders)]
+    ids = {"instance": families.tokenize(family, pipe, config.instance_prompt)}
+    if classes:
+        ids["class"] = families.tokenize(family, pipe, config.class_prompt or config.instance_prompt)
+    fixed = None
+    if not config.train_text_encoder:
+        with accelerator.autocast():
+            fixed = {k: _encode(family, run_encoders, v, joint_dim, grad=False) for k, v in ids.items()}
+    vae, vae_config = pipe.vae, pipe.vae.config
+    vae_scale = 2 ** (len(vae_config.block_out_channels) - 1)
+    if config.cache_latents:
+        _cache_latents(dataset, vae, batch=config.train_batch_size, flips=config.random_flip, device=device,
+                       dtype=vae.dtype, show=show)
+        if config.validation_prompt is None:  # nothing else needs the VAE (or frozen text encoders)
+            vae.to_empty(device="meta")
+            if fixed is not None:
+                for e in encoders:
+                    if e is not None:
+                        e.to_empty(device="meta")
+    scheduler = families.noise_scheduler(family, pipe)
+
+    global_step = 0
+    if plan.resume is not None:
+        accelerator.load_state(str(plan.resume))
+        global_step = int(checkpoint.read_progress(plan.resume)["step"])
+        accelerator.print(f"resumed from {plan.resume} at step {global_step}")
+    if accelerator.is_main_process and config.report_to != "none":
+        accelerator.init_trackers("dreambooth-diffadapt", config={
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(config).items()})
+
+    result = TrainResult(seed=seed, family=family.name)
+    bar = tqdm(total=max_steps, initial=global_step, desc="train", disable=not show)
+    for m in models:
+        m.train()
+    accum: list[torch.Tensor] = []
+    stream = data.loader(dataset, batches, start=global_step * ga, stop=max_steps * ga,
+                         workers=config.dataloader_num_workers)
+    for micro, batch in zip(range(global_step * ga, max_steps * ga), stream):
+        with accelerator.accumulate(*models):
+            gen = torch.Generator("cpu").manual_seed(data.torch_seed(seed, 4, micro, rank))
+            if "pixels" in batch:
+                with torch.no_grad():
+                    dist = vae.encode(batch["pixels"].to(device, vae.dtype)).latent_dist
+                mean, std = dist.mean.float(), dist.std.float()
+            else:
+                mean, std = batch["mean"].to(device), batch["std"].to(device)
+            sample = mean + std * torch.randn(mean.shape, generator=gen).to(device)
+            latents = families.to_latents(family, vae_config, sample)
+            noise = torch.randn(latents.shape, generator=gen)
+            if config.noise_offset:
+                noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+            u = torch.rand(latents.shape[0], generator=gen)
+            noised = families.add_noise(family, scheduler, latents, noise.to(device), u.to(device))
+            n = batch["n_instance"]
+            conds = fixed or {k: _encode(family, run_encoders, v, joint_dim, grad=True) for k, v in ids.items()}
+            cond = {k: torch.cat([conds["instance"][k].expand(n, *conds["instance"][k].shape[1:])]
+                                 + ([conds["class"][k].expand(latents.shape[0] - n, *conds["class"][k].shape[1:])]
+                                    if latents.shape[0] > n else []))
+                    for k in conds["instance"]}
+            with accelerator.autocast():
+                pred = families.predict(family, models[0], noised, cond, batch=batch, resolution=config.resolution,
+                                        vae_scale=vae_scale, guidance=config.guidance_scale, dtype=weight_dtype)
+            pred, target = pred.float(), noised.target.float()
+            if config.snr_gamma is not None:
+                weights = families.snr_weights(scheduler, noised.timesteps[:n], config.snr_gamma)
+                per = F.mse_loss(pred[:n], target[:n], reduction="none").mean(dim=list(range(1, pred.ndim)))
+                loss = (per * weights).mean()
+            else:
+                loss = F.mse_loss(pred[:n], target[:n])
+            if pred.shape[0] > n:
+                loss = loss + config.prior_loss_weight * F.mse_loss(pred[n:], target[n:])
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        accum.append(loss.detach())
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        step_loss = accelerator.reduce(torch.stack(accum).mean(), reduction="mean").item()
+        accum.clear()
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"step {global_step}: loss is {step_loss} (lower --learning_rate, or use bf16 "
+                                     "instead of fp16)")
+        result.losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+        accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+        if global_step % config.checkpointing_steps == 0:
+            checkpoint.save(accelerator, plan.output_dir, global_step,
+                            {"step": global_step, "seed": seed, "world": world, "micro_batch": global_step * ga,
+                             "epoch": global_step * ga // batches.per_epoch},
+                            total_limit=config.checkpoints_total_limit)
+        end_of_epoch = (micro + 1) % batches.per_epoch == 0
+        epoch = (micro + 1) // batches.per_epoch - 1
+        if config.validation_prompt and end_of_epoch and epoch % config.validation_epochs == 0:
+            if accelerator.is_main_process:
+                _validate(config, pipe, accelerator, step=global_step, seed=seed, models=models,
+                          tag=f"step-{global_step}")
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    adapters = export.gather(accelerator, dict(zip(trained, models)))
+    if accelerator.is_main_process:
+        meta = export.metadata(config, n_images=len(plan.instance_images), seed=seed, family=family.name,
+                               steps=max_steps)
+        result.written = export.write(adapters, peft_configs, output_dir=plan.output_dir,
+                                      formats=config.save_format, meta=meta, pipe=pipe)
+        if config.validation_prompt:
+            _validate(config, pipe, accelerator, step=global_step, seed=seed, models=models, tag="final")
+    result.steps = global_step
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
