@@ -296,13 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        try:
-            if argv[:1] == ["train"]:  # its own options (diffusers' DreamBooth flags), parsed by diffadapt.train
-                from .train import main as train_main
+        if argv[:1] == ["train"]:  # its own options (diffusers' DreamBooth flags), parsed by diffadapt.train
+            from .train import main as train_main
 
+            try:
                 return train_main(argv[1:])
+            except SystemExit as e:  # its usage errors and --help: the code, for callers
+                return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+        try:
             args = build_parser().parse_args(argv)
-        except SystemExit as e:  # usage errors (2) and --help (0): a code, not an exception, for callers
+        except SystemExit as e:  # a usage error: its code for callers (--help still exits as argparse does)
+            if e.code in (0, None):
+                raise
             return e.code if isinstance(e.code, int) else 2
         return args.func(args)
     except DiffAdaptError as e:

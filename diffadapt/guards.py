@@ -2,12 +2,14 @@
 
 Inputs are already finite (factors at parse time, configs when read, weights when validated), so only the
 arithmetic can overflow: finite factors whose product exceeds float32, or an adapter that pushes an fp16
-weight past 65504. Checking every written value would add a pass over every weight to each load (≈ a third
-of its time), so the common case is proven from a bound instead: for a stack of low-rank adapters,
-|ΔW| ≤ Σ |sᵢ|·rᵢ·max|Uᵢ|·max|Dᵢ| (factors only, microseconds), and the weight cannot leave the range when
-that plus max|W0| stays below it. max|W0| is measured once per module, and only for dtypes whose range an
-adapter can plausibly reach (fp16, fp8); for float32/bfloat16 the base weights are taken to be below 2¹²⁰.
-Anything the bound does not cover (LoHa/LoKr/OFT/DoRA/full stacks, a large bound) is checked value by value.
+weight past 65504. Checking every written value with ``isfinite`` would cost about a load again, so the common
+case is proven from a bound instead: for a stack of low-rank adapters |ΔW| ≤ Σ |sᵢ|·rᵢ·max|Uᵢ|·max|Dᵢ|
+(factors only, microseconds; LoHa and LoKr give theirs through ``Params.abs_bound``), and the weight cannot
+leave the range when that plus max|W0| stays below it. max|W0| is measured once per module (one ``aminmax``
+pass), and only for dtypes whose range an adapter can plausibly reach (fp16, fp8); for float32/bfloat16 the
+base weights are taken to be below 2¹²⁰. What the bound does not cover (OFT, DoRA, full/diff, Tucker
+LoHa/LoKr, a large bound) is checked after the write: a sum over the written values (one read pass), and a
+value scan only when that sum is not finite.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def _w0_max(slot) -> float:
     cached = getattr(slot, "_w0_absmax", None)
     if cached is None:
         w0 = _wide(slot.original.detach())
-        cached = float(w0.abs().amax()) if w0.numel() else 0.0
+        lo, hi = torch.aminmax(w0) if w0.numel() else (torch.zeros(()), torch.zeros(()))  # one pass, no |W0| copy
+        cached = max(-float(lo), float(hi))
         slot._w0_absmax = cached
     return cached
 
@@ -46,10 +49,14 @@ def _bound(live) -> float | None:
         if not e.params.is_additive or e.params.bias_delta() is not None:
             return None
         f = e.params.lowrank()
-        if f is None:
+        if f is not None:
+            u, d = f
+            total += abs(e.strength) * u.shape[1] * float(u.abs().amax()) * float(d.abs().amax())
+            continue
+        b = e.params.abs_bound()  # LoHa, LoKr: from their factors
+        if b is None:
             return None
-        u, d = f
-        total += abs(e.strength) * u.shape[1] * float(u.abs().amax()) * float(d.abs().amax())
+        total += abs(e.strength) * b
     return total
 
 

@@ -346,6 +346,32 @@ def test_fp16_adapter_overflowing_an_fp16_model():
     assert bool(torch.isfinite(half.layer.weight).all())
 
 
+@pytest.mark.parametrize("algo, kwargs", [("loha", {}), ("lokr", {}), ("lokr", {"factor": 4}),
+                                           ("lokr", {"decompose_both": True, "factor": 4})],
+                         ids=["loha", "lokr", "lokr-factor", "lokr-both"])
+def test_factor_bounds_hold(base, algo, kwargs):
+    """The bound that spares a scan of every written value is a true bound of max|ΔW| (else overflow passes)."""
+    from diffadapt.api import read_spec
+
+    sd, _ = lycoris_file(base.unet, algo=algo, prefix="lora_unet", seed=5, std=0.5, **kwargs)
+    checked = 0
+    for p in read_spec(sd).patches:
+        bound = p.params.abs_bound()
+        if bound is None:
+            continue
+        shape = _shape(base.unet, p)
+        assert float(p.params.to(dtype=torch.float32).delta(shape).abs().max()) <= bound * (1 + 1e-6)
+        checked += 1
+    assert checked > 5
+
+
+def _shape(unet, patch):
+    from diffadapt.keys import ModuleIndex
+
+    index = ModuleIndex(unet)
+    return index.modules[index.find(patch.module_key, dotted=patch.dotted)].weight.shape
+
+
 # -- races and the lock ---------------------------------------------------------------------------------
 
 
@@ -406,6 +432,35 @@ def test_reads_never_see_a_registry_changing_under_them(base, files):
         t.join()
     assert errors == [] and da.adapters(pipe) == {}
     assert param_hashes(pipe) == param_hashes(base)
+
+
+@pytest.mark.parametrize("verb", ["load", "hotswap", "using"])
+def test_sources_are_read_outside_the_lock(loaded, files, monkeypatch, verb):
+    """A slow read (a hub lookup retrying offline) must not stall other requests on the pipeline."""
+    started, release, original = threading.Event(), threading.Event(), io.read
+
+    def slow_read(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(io, "read", slow_read)
+    def request():
+        with da.using(loaded, {"c": files["c"]}):
+            pass
+
+    run = {"load": lambda: da.load(loaded, files["c"], "c"),
+           "hotswap": lambda: da.hotswap(loaded, name="a", source=files["c"]), "using": request}[verb]
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert started.wait(10)
+    lock = registry(loaded).lock
+    free = lock.acquire(timeout=2)
+    if free:
+        lock.release()
+    release.set()
+    worker.join()
+    assert free, f"{verb} held the pipeline's lock while reading its source"
 
 
 def test_lock_is_first_come_first_served_reentrant_and_bounded():

@@ -98,6 +98,11 @@ class Params(abc.ABC):
         """Δb for methods that also train the bias (full/diff ``diff_b``); None otherwise."""
         return None
 
+    def abs_bound(self) -> float | None:
+        """An upper bound of max|ΔW| from the factors alone (no ΔW built), for overflow checks; None when
+        there is no cheap one (the written values are then checked instead)."""
+        return None
+
     def lowrank(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(U, D) with ΔW.flatten(1) == U @ D, when the method is low-rank; lets backends stack adapters."""
         return None
@@ -137,6 +142,11 @@ class Params(abc.ABC):
     def weight_shape(self) -> tuple[int, ...]:
         """A module weight shape these params fit, for writers that have no model (enough for peft's layouts)."""
         raise UnsupportedError(f"{type(self).__name__}: no module shape can be read off its tensors")
+
+
+def product_bound(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a @ b| ≤ (inner size)·max|a|·max|b| (flattened factors)."""
+    return a.shape[1 if a.dim() > 1 else 0] * float(a.abs().amax()) * float(b.abs().amax())
 
 
 class AlphaOverRank:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import FormatError, ShapeError
 from .base import (AlphaOverRank, MethodDef, ParseContext, Params, PeftEntry, expect_fit, kernel, kernel_of,
-                   kohya_scalar, peft_tensors, refuse, require, reshape_to, scalar)
+                   kohya_scalar, peft_tensors, product_bound, refuse, require, reshape_to, scalar)
 from .dora import DoRA, dora_on_out
 
 
@@ -114,6 +114,11 @@ class LoHaParams(DoRA, AlphaOverRank, Params):
         else:
             d = hada_tucker_delta(self.t1, self.w1_a, self.w1_b, self.t2, self.w2_a, self.w2_b, self.scale)
         return reshape_to(d, shape)
+
+    def abs_bound(self) -> float | None:
+        if self.t1 is not None:
+            return None
+        return abs(self.scale) * product_bound(self.w1_a, self.w1_b) * product_bound(self.w2_a, self.w2_b)
 
     def add_to(self, w: torch.Tensor, strength: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.t1 is not None:
