@@ -5,26 +5,29 @@ from .conversion import convert, save
 from .fusing import fuse, unfuse
 from .hotswap import hotswap, prepare_hotswap, using
 from .merge import merge
-from .mixing import disable, enable, get_weights, set_weights
+from .mixing import disable, enable, set_weights
+from .plugin import plugin, unplug
 from .errors import (
     AdapterNotFoundError,
     DiffAdaptError,
     FormatError,
     KeyMappingError,
+    NameInUseError,
     NonFiniteError,
     PickleRefusedError,
+    PromptError,
     ShapeError,
     SourceError,
     UnsupportedError,
+    WeightError,
 )
 from .spec import AdapterInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "save", "convert", "fuse", "unfuse",
-    "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "get_weights", "enable", "disable", "merge",
-    "hotswap", "prepare_hotswap", "using",
+    "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "enable", "disable", "merge",
+    "save", "convert", "fuse", "unfuse", "hotswap", "prepare_hotswap", "using", "plugin", "unplug",
     "DiffAdaptError", "SourceError", "FormatError", "PickleRefusedError", "KeyMappingError", "ShapeError",
-    "NonFiniteError", "UnsupportedError", "AdapterNotFoundError",
+    "NonFiniteError", "UnsupportedError", "AdapterNotFoundError", "NameInUseError", "WeightError", "PromptError",
 ]

@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from . import backends, io
-from .errors import AdapterNotFoundError, DiffAdaptError
+import warnings
+
+from .errors import AdapterNotFoundError, NameInUseError
 from .info import summarize
 from .keys import build_spec
-from .mixing import component_counts
+from .mixing import adapter_names, component_counts
 from .pipeline import Loaded, registry, resolve
 from .spec import AdapterInfo, AdapterSpec
 from .weights import validate as validate_weight
@@ -57,7 +59,7 @@ def load(
     reg = registry(target)
     with reg.lock:
         if name is not None and name in reg.adapters:
-            raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
+            raise NameInUseError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
         weight = validate_weight(weight, where="weight", counts=component_counts(target))
         spec = read_spec(source, allow_pickle=allow_pickle)
         targets = resolve(target, spec, strict=strict)
@@ -70,15 +72,23 @@ def load(
         return info
 
 
-def unload(target: Any, name: str | None = None) -> None:
-    """Remove one adapter (or all); base weights come back bit-exactly."""
+def unload(target: Any, *names: str, name: str | None = None) -> None:
+    """Remove the named adapters (all when none is named); base weights come back bit-exactly.
+
+    Names are checked before anything is removed. ``name=`` is the old keyword, still accepted.
+    """
+    if name is not None:
+        warnings.warn("unload(target, name=...) is deprecated; pass names positionally: unload(target, *names)",
+                      DeprecationWarning, stacklevel=2)
+        names = (*names, name)
     reg = registry(target)
     with reg.lock:
-        names = list(reg.adapters) if name is None else [name]
-        for n in names:
-            loaded = reg.adapters.get(n)
-            if loaded is None:
-                raise AdapterNotFoundError(f"no adapter named '{n}' is loaded (loaded: {sorted(reg.adapters)})")
+        wanted = adapter_names(names) or list(reg.adapters)
+        missing = [n for n in wanted if n not in reg.adapters]
+        if missing:
+            raise AdapterNotFoundError(f"no adapter named {missing} is loaded (loaded: {sorted(reg.adapters)})")
+        for n in wanted:
+            loaded = reg.adapters[n]
             backends.get(loaded.mode).remove(loaded)
             del reg.adapters[n]
 

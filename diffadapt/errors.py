@@ -42,8 +42,20 @@ class UnsupportedError(DiffAdaptError, NotImplementedError):
     """A valid request that this backend or method cannot honour exactly (e.g. inject-mode LyCORIS OFT)."""
 
 
-class AdapterNotFoundError(DiffAdaptError, KeyError):
-    """No adapter of that name is loaded."""
+class AdapterNotFoundError(DiffAdaptError, KeyError, ValueError):
+    """No adapter of that name is loaded (also a ValueError, which diffusers raises for unknown names)."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class NameInUseError(DiffAdaptError, ValueError):
+    """An adapter of that name is already loaded (unload it, or hotswap onto it)."""
+
+
+class WeightError(DiffAdaptError, ValueError):
+    """A weight specification that cannot be applied."""
+
+
+class PromptError(DiffAdaptError, ValueError):
+    """A ``<lora:…>`` tag whose arguments cannot be read (not a number, no name)."""

@@ -273,4 +273,4 @@ def merge_files(
         "diffadapt_merge_worst_module_error": f"{worst:.6g}",
     }
     spec = to_spec(merged, source="merge", metadata=metadata)
-    return convert(spec, dest, to=to, dtype=dtype, model=target, overwrite=overwrite), error
+    return convert(spec, dest, format=to, dtype=dtype, model=target, overwrite=overwrite), error

@@ -214,7 +214,7 @@ def train(config: TrainConfig) -> dict:
             spec = read_spec(out)
             spec.metadata.update(_metadata(config, len(images), alpha))
             kohya = out / "adapter.safetensors"
-            written += da.convert(spec, kohya, to="kohya", model=pipe, overwrite=True)
+            written += da.convert(spec, kohya, format="kohya", model=pipe, overwrite=True)
         if config.save_format == "kohya":
             for name in trained:
                 shutil.rmtree(out / name)
