@@ -95,7 +95,7 @@ def test_swap_equals_fresh_inject_load_and_unloads_bit_exactly(pipe, ref, files,
     da.load(pipe, files[a], "x", mode="inject", weight=w)
     assert da.prepare_hotswap(pipe, max_rank=8) == ["x"]
     assert_close(outputs(pipe.unet, pipe.text_encoder), fresh(ref, files[a], w), "prepared")
-    info = da.hotswap(pipe, "x", files[b])
+    info = da.hotswap(pipe, files[b], "x")
     assert info.mode == "inject" and da.adapters(pipe)["x"].weight == w
     assert_close(outputs(pipe.unet, pipe.text_encoder), fresh(ref, files[b], w), "swapped")
     da.set_weights(pipe, {"x": {"unet": 0.5, "text_encoder": -1.0}})
@@ -125,7 +125,7 @@ def test_refused_swap_changes_nothing(pipe, files, kind):
         before, record = param_hashes(pipe), vars(registry(pipe).adapters["x"]).copy()
         out = outputs(pipe.unet, pipe.text_encoder)
         with pytest.raises(da.UnsupportedError, match=message):
-            da.hotswap(pipe, "x", files[new])
+            da.hotswap(pipe, files[new], "x")
         assert param_hashes(pipe) == before and vars(registry(pipe).adapters["x"]) == record
         assert all(torch.equal(g, w) for g, w in zip(outputs(pipe.unet, pipe.text_encoder), out))
     finally:
@@ -180,7 +180,7 @@ def test_compiled_swaps_and_reweights_never_recompile(files, ref, first, steps):
         for kind, arg in steps:
             if kind == "swap":
                 with torch.inference_mode():  # servers often swap under inference mode
-                    da.hotswap(pipe, "x", files[arg])
+                    da.hotswap(pipe, files[arg], "x")
                 current = arg
             else:
                 da.set_weights(pipe, {"x": arg})
