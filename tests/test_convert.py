@@ -20,8 +20,7 @@ from diffadapt.cli import main
 from diffadapt.fixtures import lycoris_file, randomize_
 from diffadapt.testing import sd15_unet, tiny_sd1_pipeline
 
-peft = pytest.importorskip("peft")
-pytest.importorskip("lycoris")
+import peft  # noqa: E402
 from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, WaveFTConfig  # noqa: E402
 
 TOL = 1e-5

@@ -16,8 +16,6 @@ from diffadapt.fixtures import pipeline_file
 from diffadapt.pipeline import registry
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline
 
-pytest.importorskip("peft")
-pytest.importorskip("lycoris")
 pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor")  # peft's LoHa on tensor scalings
 
 ATTN = dict(target_modules=["Transformer2DModel"], target_names=[])

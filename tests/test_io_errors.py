@@ -26,8 +26,7 @@ from diffadapt.keys import ModuleIndex
 from diffadapt.methods.lora import LoRAParams
 from diffadapt.testing import param_hashes, tiny_dit_pipeline, tiny_sd1_pipeline, tiny_sdxl_pipeline
 
-pytest.importorskip("lycoris")
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402
 
 ATTN = ["Transformer2DModel"]  # the UNet's attention blocks: 72 LoRA modules, enough and quick
 
