@@ -250,7 +250,7 @@ def test_compiled_swaps_reweights_and_unload_never_recompile(files, when):
         pipe.unet.to(memory_format=torch.channels_last)
     else:
         da.load(pipe, files["lora"], "x")
-    unet, te = compiled(pipe, "aot_eager", counter)
+    unet, te = compiled(pipe, "eager", counter)  # guards are dynamo's whatever the backend: the cheapest one
     outputs(unet, te)
     graphs = len(counter)
     with torch._dynamo.config.patch(error_on_recompile=True):
