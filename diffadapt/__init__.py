@@ -9,6 +9,7 @@ from .mixing import disable, enable, set_weights
 from .plugin import plugin, unplug
 from .errors import (
     AdapterNotFoundError,
+    ComponentError,
     DiffAdaptError,
     FormatError,
     KeyMappingError,
@@ -30,4 +31,5 @@ __all__ = [
     "save", "convert", "fuse", "unfuse", "hotswap", "prepare_hotswap", "using", "plugin", "unplug",
     "DiffAdaptError", "SourceError", "FormatError", "PickleRefusedError", "KeyMappingError", "ShapeError",
     "NonFiniteError", "UnsupportedError", "AdapterNotFoundError", "NameInUseError", "WeightError", "PromptError",
+    "ComponentError",
 ]

@@ -59,3 +59,7 @@ class WeightError(DiffAdaptError, ValueError):
 
 class PromptError(DiffAdaptError, ValueError):
     """A ``<lora:…>`` tag whose arguments cannot be read (not a number, no name)."""
+
+
+class ComponentError(DiffAdaptError, ValueError):
+    """A pipeline component that does not exist or takes no adapters (e.g. in ``fuse_lora(components=…)``)."""

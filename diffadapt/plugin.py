@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from .api import load as _load, unload as _unload
-from .errors import AdapterNotFoundError, DiffAdaptError, NameInUseError, UnsupportedError
+from .errors import AdapterNotFoundError, ComponentError, DiffAdaptError, NameInUseError, UnsupportedError
 from .hotswap import hotswap as _hotswap
 from .mixing import set_weights as _set_weights
 from .pipeline import Loaded, components, registry
@@ -359,11 +359,11 @@ def _default_components(pipe: Any, method: str) -> list[str]:
 def _check_components(pipe: Any, comps: Any) -> list[str]:
     comps = [comps] if isinstance(comps, str) else list(comps or [])
     if not comps:
-        raise DiffAdaptError("`components` cannot be an empty list.")
+        raise ComponentError("`components` cannot be an empty list.")
     loadable = _loadable(pipe)
     bad = [c for c in comps if c not in loadable]
     if bad:
-        raise DiffAdaptError(f"{bad} not found in the pipeline's LoRA components {loadable}")
+        raise ComponentError(f"{bad} not found in the pipeline's LoRA components {loadable}")
     return [c for c in comps if getattr(pipe, c, None) is not None]
 
 
@@ -430,7 +430,7 @@ def _unload_lora_weights(self, *args: Any, **kwargs: Any) -> None:
                 p.copy_(value)
         state.baked = state.fused_names()  # diffusers still lists them: they are in the weights
         state.adapters.clear()
-        state.active = []
+        state.active, state.enabled = [], True  # diffusers' enable flags go with its layers
         self.__dict__[_MERGED] = set(state.baked)
 
 

@@ -181,6 +181,10 @@ def test_errors_and_unplug(tmp_path):
         pipe.set_adapters(["x", "nope"])
     with pytest.raises(da.WeightError, match="Length"):
         pipe.set_adapters(["x"], [0.5, 0.5])
+    with pytest.raises(ValueError, match="empty"):
+        pipe.fuse_lora(components=[])
+    with pytest.raises(da.ComponentError, match="vae"):
+        pipe.unfuse_lora(components=["vae"])
     hashes = param_hashes(pipe)
     with pytest.raises(da.DiffAdaptError):  # a LoKr file for another model changes nothing
         pipe.load_lora_weights({"lora_unet_nowhere.lokr_w1": torch.ones(2, 2), "lora_unet_nowhere.lokr_w2":
