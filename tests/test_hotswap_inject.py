@@ -167,6 +167,8 @@ def test_compiled_swaps_and_reweights_never_recompile(files, ref, first, steps):
     base = [param_hashes(pipe.unet), param_hashes(pipe.text_encoder)]
     da.load(pipe, files[first], "x", mode="inject")
     da.prepare_hotswap(pipe, max_rank=8)
+    # new peft layers follow the model's eval mode (in train mode LoHa/LoKr layers draw module dropout)
+    assert not any(m.training for c in (pipe.unet, pipe.text_encoder) for m in c.modules())
     torch._dynamo.reset()
     pipe.unet = torch.compile(pipe.unet, backend=counting(counter))
     pipe.text_encoder = torch.compile(pipe.text_encoder, backend=counting(counter))
