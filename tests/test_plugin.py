@@ -6,12 +6,16 @@ References: LyCORIS's forward for LyCORIS files; for kohya LoRA, stock diffusers
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import diffadapt as da
-from diffadapt.fixtures import TEXT_MODULES, lycoris_file
+from peft import LoKrConfig
+
+from diffadapt.fixtures import TEXT_MODULES, lycoris_file, peft_file
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline, tiny_sdxl_pipeline
 
 IDS = torch.tensor([[0, 5, 9, 14, 22, 31, 2]])
@@ -50,24 +54,35 @@ def lycoris_pipeline_file(pipe, prefixes, *, seed: int = 0, **kw):
     return sd, refs
 
 
-ROUND_TRIP = {
-    "sd1-lora": (tiny_sd1_pipeline, dict(algo="lora")),
-    "sd1-loha": (tiny_sd1_pipeline, dict(algo="loha", std=0.3)),
-    "sd1-lokr": (tiny_sd1_pipeline, dict(algo="lokr", std=0.2)),
-    "sd1-oft": (tiny_sd1_pipeline, dict(algo="diag-oft", block_size=4)),
-    "sdxl-loha": (tiny_sdxl_pipeline, dict(algo="loha", std=0.3)),
+def peft_unet_file(pipe, config):
+    """diffusers-style single PEFT file for the UNet (``unet.<module>.lokr_w1`` …, its config in the metadata),
+    made by peft; the reference is peft's model."""
+    sd, ref = peft_file(pipe.unet, config, std=0.2)
+    cfg = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    return {f"unet.{k}": v for k, v in sd.items()}, {"unet": ref}, {"peft_config": json.dumps({"unet": cfg})}
+
+
+SD1 = {k: PREFIXES[k] for k in ("unet", "text_encoder")}
+ROUND_TRIP = {  # name: (pipeline, file maker)
+    "sd1-lora": (tiny_sd1_pipeline, lambda p: lycoris_pipeline_file(p, SD1, algo="lora")),
+    "sd1-loha": (tiny_sd1_pipeline, lambda p: lycoris_pipeline_file(p, SD1, algo="loha", std=0.3)),
+    "sd1-lokr": (tiny_sd1_pipeline, lambda p: lycoris_pipeline_file(p, SD1, algo="lokr", std=0.2)),
+    "sd1-oft": (tiny_sd1_pipeline, lambda p: lycoris_pipeline_file(p, SD1, algo="diag-oft", block_size=4)),
+    "sd1-peft-lokr": (tiny_sd1_pipeline, lambda p: peft_unet_file(p, LoKrConfig(
+        r=4, alpha=8, target_modules=["to_q", "to_v", "proj_in"], init_weights=False))),
+    "sdxl-loha": (tiny_sdxl_pipeline, lambda p: lycoris_pipeline_file(p, SDXL_PREFIXES, algo="loha", std=0.3)),
 }
 
 
 @pytest.mark.parametrize("case", list(ROUND_TRIP))
 def test_diffusers_round_trip_is_exact(case, tmp_path):
     """load → set_adapters → fuse → unfuse → unload through the pipeline's own methods; base bit-exact."""
-    build, kw = ROUND_TRIP[case]
+    build, make = ROUND_TRIP[case]
     pipe = da.plugin(build())
-    prefixes = SDXL_PREFIXES if case.startswith("sdxl") else {k: PREFIXES[k] for k in ("unet", "text_encoder")}
-    sd, refs = lycoris_pipeline_file(pipe, prefixes, **kw)
+    sd, refs, *metadata = make(pipe)
+    prefixes = refs
     path = tmp_path / "style.safetensors"
-    save_file(sd, str(path))
+    save_file(sd, str(path), metadata=metadata[0] if metadata else None)
     hashes, base = param_hashes(pipe), outputs(pipe)
 
     pipe.load_lora_weights(str(path))  # diffusers' default name
