@@ -28,7 +28,8 @@ the adapters whose weight changed. So the semantics are diffusers', including it
 Where diffusers' peft layers would leave a residue (``unfuse_lora`` after a ``set_adapters`` while fused
 subtracts the new scale), the plugin restores exactly. A fused adapter removed by ``delete_adapters`` leaves
 nothing behind. A per-call ``cross_attention_kwargs={"scale": s}`` is not applied: patched weights have no
-layer to scale at run time — use ``set_adapters`` weights.
+layer to scale at run time — use ``set_adapters`` weights. ``set_lora_device`` stays diffusers' own (a no-op:
+there are no adapter layers to move). Component-level methods (``pipe.unet.set_adapters``) are not plugged.
 """
 
 from __future__ import annotations
