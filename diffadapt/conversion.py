@@ -7,7 +7,7 @@ before the first byte is written.
 Module names. kohya files flatten paths ('.' → '_'), which cannot be undone by rule ('down_blocks_0' vs
 'transformer_blocks' vs 'to_out_0'), so turning kohya names into PEFT's dotted ones needs the module tree:
 ``model=`` (a pipeline or module), else the architecture of the file's base family built on the meta device
-from ``diffadapt.testing``'s real-size configs (SD1.x, SDXL — no weights, well under a second). The same
+from ``diffadapt.architectures``' real-size configs (SD1.x, SDXL — no weights, well under a second). The same
 tree gives PEFT writers each module's weight shape. kohya output needs no model: dotted names flatten.
 """
 
@@ -27,7 +27,8 @@ from torch import nn
 from . import io
 from .api import read_spec
 from .errors import AdapterNotFoundError, DiffAdaptError, KeyMappingError, ShapeError
-from .export import DTYPES, Item, module_kind
+from .export import DTYPES, Item
+from .peft_bridge import module_kind
 from .export.kohya import kohya_metadata, kohya_state_dict, sdxl_ldm
 from .export.peft_files import write_peft
 from .info import guess_family
@@ -73,7 +74,7 @@ def excluded(patch, patterns: Iterable[str]) -> bool:
 @functools.lru_cache(maxsize=4)
 def architecture(family: str):
     """Components of a known base family on the meta device (module names and shapes only), or None."""
-    from .testing import sd15_text_encoder, sd15_unet, sdxl_unet
+    from .architectures import sd15_text_encoder, sd15_unet, sdxl_unet
 
     if family == "sd1":
         return SimpleNamespace(components={"unet": sd15_unet(device="meta"),

@@ -1,4 +1,5 @@
-"""``fuse`` / ``unfuse``: move loaded adapters between inject mode (peft layers) and patch mode (fused weights).
+"""``fuse`` / ``unfuse``: move loaded adapters between inject mode (peft layers) and patch mode (fused weights);
+``prepare_hotswap``: get inject-mode layers ready for in-place swaps under ``torch.compile``.
 
 Fusing removes an adapter's peft layers and patches the same spec into the weights; unfusing takes the patch
 off (the base comes back bit-exactly) and injects the spec again, so a fuse → unfuse round trip leaves the
@@ -11,11 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import backends
-from .errors import AdapterNotFoundError
+from .errors import AdapterNotFoundError, UnsupportedError
 from .pipeline import Loaded, registry
-
-FUSED = "fused_from_inject"  # Loaded.extra flag: fuse() moved this adapter out of inject mode
-
 
 def _select(target: Any, names: tuple[str, ...], keep) -> list[Loaded]:
     reg = registry(target)
@@ -54,7 +52,7 @@ def fuse(target: Any, *names: str) -> list[str]:
         items = _select(target, names, lambda a, named: a.mode == "inject")
         _switch(items, "patch")
         for a in items:
-            a.extra[FUSED] = True
+            a.fused = True
         return [a.name for a in items]
 
 
@@ -62,8 +60,33 @@ def unfuse(target: Any, *names: str) -> list[str]:
     """Back to peft layers: the adapters ``fuse`` fused (or the named patch-mode ones); returns the names moved."""
     reg = registry(target)
     with reg.lock:
-        items = _select(target, names, lambda a, named: a.mode == "patch" and (named or a.extra.get(FUSED)))
+        items = _select(target, names, lambda a, named: a.mode == "patch" and (named or a.fused))
         _switch(items, "inject")
         for a in items:
-            a.extra.pop(FUSED, None)
+            a.fused = False
+        return [a.name for a in items]
+
+
+def prepare_hotswap(target: Any, *, max_rank: int, names: list[str] | None = None) -> list[str]:
+    """Pad the named inject-mode adapters (all when None) to ``max_rank`` for in-place hotswaps under
+    ``torch.compile``; returns the names prepared. Call it after loading and before compiling: it changes
+    parameter shapes and scaling types. Everything is checked before any layer is touched."""
+    if not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1:
+        raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
+    reg = registry(target)
+    with reg.lock:
+        if names is None:
+            items = [a for a in reg.adapters.values() if a.mode == "inject"]
+        else:
+            items = _select(target, tuple(names), lambda a, named: True)
+        by_mode: dict[str, list[Loaded]] = {}
+        for a in items:
+            by_mode.setdefault(a.mode, []).append(a)
+        for mode, group in by_mode.items():
+            hook = getattr(backends.get(mode), "prepare_hotswap", None)
+            if hook is None:
+                raise UnsupportedError(f"adapter '{group[0].name}' is not loaded with mode='inject'; {mode}-mode "
+                                       "adapters hotswap without preparation")
+        for mode, group in by_mode.items():
+            backends.get(mode).prepare_hotswap(group, max_rank=max_rank)
         return [a.name for a in items]

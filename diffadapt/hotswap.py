@@ -19,7 +19,7 @@ import torch
 
 from . import backends
 from .api import load, read_spec, unload
-from .backends.inject_hotswap import prepare_hotswap  # noqa: F401  (inject mode: pad before compiling)
+from .fusing import prepare_hotswap  # noqa: F401  (inject mode: pad before compiling)
 from .errors import AdapterNotFoundError, UnsupportedError
 from .info import summarize
 from .mixing import refresh, component_counts

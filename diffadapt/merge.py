@@ -2,25 +2,31 @@
 
 Methods (``weights`` as in ``diffadapt.weights``: per adapter, component or block):
   cat     exact: ranks concatenated (LoRA family only, Tucker cores block-diagonal);
-  svd     ΔW = Σ wᵢ·ΔWᵢ per module, truncated SVD to ``rank`` (default: the sources' ranks added up,
-          lossless for LoRA sources) — any mix of methods;
-  linear  peft's factor-wise combination (same rank LoRAs): A = Σ √wᵢ·sᵢ·Aᵢ, B = Σ √wᵢ·Bᵢ — approximate;
-  ties / dare   peft's TIES / DARE on the per-module ΔW, then SVD to ``rank`` (dare is seeded).
-Transforms (OFT, DoRA) enter svd/ties/dare through their effective delta on the base weight,
-apply(W0) − W0. Every merge reports its relative approximation error ‖ΔW − ΔW'‖/‖ΔW‖ (for ties/dare,
-against their own merged ΔW).
+  svd     the stack's own ΔW per module — compose(W0, sources at their weights, in load order) − W0, so
+          transforms (OFT, DoRA) act on the sum exactly as in the stacked model — truncated SVD to ``rank``
+          (default: the sources' ranks added up, lossless for LoRA sources); any mix of methods;
+  linear  peft's factor-wise rule (``add_weighted_adapter(combination_type="linear")``, same-rank LoRAs):
+          A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ, B = Σ √|wᵢsᵢ|·Bᵢ — not the stack (cross terms);
+  ties / dare   peft's ``merge_utils`` TIES / DARE-linear on the task vectors τᵢ = compose(W0, [sourceᵢ]) − W0
+          with weights wᵢ (as peft's ``ties_svd`` / ``dare_linear_svd``), then SVD to ``rank``.
+The recorded error (``diffadapt_merge_rel_error``) is always measured against the stack the merge replaces,
+‖ΔW_merged − ΔW_stack‖/‖ΔW_stack‖ over all modules; ``…_svd_error`` is the truncation error alone. Modules
+go in the model's order and DARE draws its masks under ``torch.random.fork_rng`` seeded with ``seed``, so the
+same seed gives peft's masks, and no random state (CPU or any CUDA device) changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from .compose import Term, composed_delta
 from .errors import DiffAdaptError, UnsupportedError
 from .methods.lora import LoRAParams
 from .spec import AdapterSpec, ModulePatch
@@ -38,17 +44,41 @@ class Source:
     base: torch.Tensor  # the module's base weight (for transforms and shapes)
 
 
-def _delta(src: Source) -> torch.Tensor:
-    """The source's ΔW at its strength; only transforms need the base values (not just its shape)."""
-    if src.params.is_additive:
-        device = src.base.device if src.base.device.type != "meta" else None
-        return src.strength * src.params.to(device=device, dtype=torch.float32).delta(src.base.shape)
-    if src.base.device.type == "meta":
-        raise UnsupportedError(
-            f"merging a {type(src.params).__name__} (OFT / DoRA) needs the base model's weights; pass a real model"
-        )
-    base = src.base.detach().float()
-    return src.params.to(device=base.device, dtype=torch.float32).apply(base, src.strength) - base
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Every RNG (CPU and each CUDA device) seeded inside, restored after: the caller's streams stay as they were."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _device(base: torch.Tensor) -> torch.device | None:
+    return base.device if base.device.type != "meta" else None
+
+
+def _terms(sources: list[Source], *, unit: bool = False) -> list[Term]:
+    return [Term(s.params.to(device=_device(s.base), dtype=torch.float32), 1.0 if unit else s.strength)
+            for s in sources]
+
+
+def _stack_delta(sources: list[Source]) -> torch.Tensor:
+    """ΔW of the whole stack on this module; transforms need the base model's values."""
+    terms = _terms(sources)
+    if any(not t.params.is_additive for t in terms) and sources[0].base.device.type == "meta":
+        kinds = sorted({type(t.params).__name__ for t in terms if not t.params.is_additive})
+        raise UnsupportedError(f"merging {', '.join(kinds)} (OFT / DoRA) needs the base model's weights; "
+                               "pass a real model")
+    if any(t.params.bias_delta() is not None for t in terms):
+        raise UnsupportedError("a full/diff adapter with a bias delta ('diff_b') cannot be merged into a LoRA, "
+                               "which has no bias; merge without it")
+    return composed_delta(sources[0].base, sources[0].base.shape, terms)
+
+
+def _task_vectors(sources: list[Source]) -> list[torch.Tensor]:
+    """τᵢ = compose(W0, [sourceᵢ at strength 1]) − W0, the task vectors peft's TIES / DARE weight."""
+    base = sources[0].base
+    return [composed_delta(base, base.shape, [t]) for t in _terms(sources, unit=True)]
 
 
 def _lora_from_matrix(delta: torch.Tensor, rank: int) -> tuple[LoRAParams, float]:
@@ -89,42 +119,56 @@ def _cat(sources: list[Source]) -> LoRAParams:
 
 
 def _linear(sources: list[Source]) -> LoRAParams:
+    """peft's ``combination_type="linear"``: √|w·s| on both factors, the sign on A."""
     if not all(isinstance(s.params, LoRAParams) and s.params.mid is None and s.params.is_additive for s in sources):
         raise UnsupportedError("merge 'linear' combines LoRA factors; every adapter must be a plain LoRA")
     ranks = {s.params.rank for s in sources}
     if len(ranks) > 1:
         raise UnsupportedError(f"merge 'linear' needs equal ranks, got {sorted(ranks)}; use 'cat' or 'svd'")
-    if any(s.strength < 0 for s in sources):
-        raise UnsupportedError("merge 'linear' takes √weight of each factor; negative weights need 'cat' or 'svd'")
     ps = [s.params.to(dtype=torch.float32) for s in sources]
-    down = sum(math.sqrt(s.strength) * p.scale * p.down for p, s in zip(ps, sources))
-    up = sum(math.sqrt(s.strength) * p.up for p, s in zip(ps, sources))
+    ws = [s.strength * p.scale for p, s in zip(ps, sources)]
+    down = sum(math.copysign(math.sqrt(abs(w)), w) * p.down for p, w in zip(ps, ws))
+    up = sum(math.sqrt(abs(w)) * p.up for p, w in zip(ps, ws))
     return LoRAParams(down=down, up=up, alpha_value=float(down.shape[0]))
 
 
-def _task_merge(method: str, deltas: list[torch.Tensor], *, density: float) -> torch.Tensor:
+def _task_merge(method: str, sources: list[Source], *, density: float) -> torch.Tensor:
     from peft.utils import merge_utils
 
-    ones = torch.ones(len(deltas))  # strengths are already in the deltas
+    weights = torch.tensor([s.strength for s in sources], dtype=torch.float32)
+    tasks = _task_vectors(sources)
     if method == "ties":
-        return merge_utils.ties(deltas, ones, density)
-    return merge_utils.dare_linear(deltas, ones, density)
+        return merge_utils.ties(tasks, weights.to(tasks[0].device), density)
+    return merge_utils.dare_linear(tasks, weights.to(tasks[0].device), density)
+
+
+@dataclass
+class MergeResult:
+    params: dict[tuple[str, str], LoRAParams]
+    error: float  # against the stack, all modules together
+    worst: float  # against the stack, the worst module
+    svd_error: float  # the SVD truncation alone (0 for cat / linear)
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "diffadapt_merge_rel_error": f"{self.error:.6g}",
+            "diffadapt_merge_worst_module_error": f"{self.worst:.6g}",
+            "diffadapt_merge_svd_error": f"{self.svd_error:.6g}",
+        }
 
 
 def merge_modules(
     groups: dict[tuple[str, str], list[Source]], *, method: str, rank: int | None, density: float, seed: int
-) -> tuple[dict[tuple[str, str], LoRAParams], float, float]:
-    """Merge per module; returns (LoRA params by (component, module), relative error, worst module error)."""
+) -> MergeResult:
+    """Merge per module (``groups`` in the model's module order, sources in load order)."""
     if method not in METHODS:
         raise DiffAdaptError(f"merge method {method!r}: choose one of {METHODS}")
     out: dict[tuple[str, str], LoRAParams] = {}
-    num = den = worst = 0.0
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    num = den = worst = snum = sden = 0.0
+    with seeded(seed):
         for key, sources in groups.items():
-            deltas = [_delta(s) for s in sources]
-            target = sum(deltas)
+            stack = _stack_delta(sources)
+            fitted = stack
             if method == "cat":
                 merged = _cat(sources)
             elif method == "linear":
@@ -132,30 +176,40 @@ def merge_modules(
             else:
                 # default rank: the sources' ranks added up, which keeps a LoRA-only svd lossless
                 default = sum((s.params.rank or 16) for s in sources)
-                if method != "svd":  # the error then measures the SVD of the TIES/DARE result
-                    target = _task_merge(method, deltas, density=density)
-                merged, _ = _lora_from_matrix(target, rank or default)
-            approx = merged.delta(target.shape)
-            e2, t2 = float((approx - target).square().sum()), float(target.square().sum())
+                if method != "svd":
+                    fitted = _task_merge(method, sources, density=density)
+                merged, _ = _lora_from_matrix(fitted, rank or default)
+            approx = merged.to(device=stack.device).delta(stack.shape)
+            e2, t2 = float((approx - stack).square().sum()), float(stack.square().sum())
             num, den = num + e2, den + t2
             worst = max(worst, math.sqrt(e2 / t2) if t2 > 0 else 0.0)
-            out[key] = merged
-    finally:
-        torch.random.set_rng_state(gen_state)
-    return out, (math.sqrt(num / den) if den > 0 else 0.0), worst
+            snum += float((approx - fitted).square().sum())
+            sden += float(fitted.square().sum())
+            out[key] = merged.to(device="cpu")
+    return MergeResult(out, math.sqrt(num / den) if den > 0 else 0.0, worst,
+                       math.sqrt(snum / sden) if sden > 0 else 0.0)
 
 
 def collect(loaded_list: list[Any], weights: dict[str, Any]) -> dict[tuple[str, str], list[Source]]:
-    """Group the loaded adapters' targets by module with the merge weights resolved per module."""
+    """Group the loaded adapters' targets by module, weights resolved per module: modules in the model's
+    order (component by component, as ``named_modules`` lists them), sources in ``loaded_list``'s order."""
     groups: dict[tuple[str, str], list[Source]] = defaultdict(list)
+    order: dict[tuple[str, str], int] = {}
+    roots: dict[int, dict[str, int]] = {}
     for loaded in loaded_list:
         for t in loaded.targets:
             w = resolve_weight(weights[loaded.name], t.component, t.module_name)
             if w == 0.0:
                 continue
-            slot_base = _base_weight(t.module)
-            groups[(t.component, t.module_name)].append(Source(params=t.patch.params, strength=w, base=slot_base))
-    return groups
+            key = (t.component, t.module_name)
+            if key not in order:
+                index = roots.get(id(t.root)) if t.root is not None else None
+                if index is None and t.root is not None:
+                    index = roots[id(t.root)] = {n: i for i, (n, _) in enumerate(t.root.named_modules())}
+                order[key] = (index or {}).get(t.module_name, 0)
+            groups[key].append(Source(params=t.patch.params, strength=w, base=_base_weight(t.module)))
+    comps = list(dict.fromkeys(k[0] for k in order))
+    return dict(sorted(groups.items(), key=lambda kv: (comps.index(kv[0][0]), order[kv[0]])))
 
 
 def _base_weight(module: torch.nn.Module) -> torch.Tensor:
@@ -188,7 +242,8 @@ def merge(
     """Merge loaded adapters into one new LoRA ``name``, loaded in patch mode; returns its AdapterInfo.
 
     The sources stay loaded but are disabled (so the effect is not counted twice); ``info.metadata``
-    records the method, sources, rank and the relative error of the approximation.
+    records the method, sources, rank and the relative error against the stack the sources made
+    (compose(W0, sources in load order at these weights)).
     """
     from . import api, mixing
     from .pipeline import registry
@@ -196,24 +251,23 @@ def merge(
 
     reg = registry(target)
     with reg.lock:
-        loaded = mixing.lookup(target, list(weights))
+        order = list(reg.adapters)  # load order: the order the stack composes in
+        loaded = sorted(mixing.lookup(target, list(weights)), key=lambda a: order.index(a.name))
         if name in reg.adapters:
             raise DiffAdaptError(f"an adapter named '{name}' is already loaded")
         counts = mixing.component_counts(target)
         checked = {n: validate(w, where=f"merge weight of '{n}'", counts=counts) for n, w in weights.items()}
-        merged, error, worst = merge_modules(collect(loaded, checked), method=method, rank=rank,
-                                             density=density, seed=seed)
-        if not merged:
+        result = merge_modules(collect(loaded, checked), method=method, rank=rank, density=density, seed=seed)
+        if not result.params:
             raise DiffAdaptError("nothing to merge: every weight is 0")
-        ranks = sorted({p.rank for p in merged.values()})
+        ranks = sorted({p.rank for p in result.params.values()})
         metadata = {
             "diffadapt_merge_method": method,
-            "diffadapt_merge_sources": ", ".join(f"{n}:{w}" for n, w in weights.items()),
+            "diffadapt_merge_sources": ", ".join(f"{a.name}:{weights[a.name]}" for a in loaded),
             "diffadapt_merge_rank": ",".join(map(str, ranks)),
-            "diffadapt_merge_rel_error": f"{error:.6g}",
-            "diffadapt_merge_worst_module_error": f"{worst:.6g}",
+            **result.metadata(),
         }
-        spec = to_spec(merged, source=f"merge({', '.join(weights)})", metadata=metadata)
+        spec = to_spec(result.params, source=f"merge({', '.join(weights)})", metadata=metadata)
         if disable_sources:
             mixing.disable(target, *weights)
         try:
@@ -262,15 +316,13 @@ def merge_files(
             raise DiffAdaptError(f"merge: the files look made for {family}; pass model= (CLI: --model)")
     loaded = [SimpleNamespace(name=p, targets=resolve(target, spec)) for p, spec in specs.items()]
     weights = {str(p): validate(w, where=f"merge weight of {p}") for p, w in sources.items()}
-    merged, error, worst = merge_modules(collect(loaded, weights), method=method, rank=rank, density=density,
-                                         seed=seed)
-    if not merged:
+    result = merge_modules(collect(loaded, weights), method=method, rank=rank, density=density, seed=seed)
+    if not result.params:
         raise DiffAdaptError("nothing to merge: every weight is 0")
     metadata = {
         "diffadapt_merge_method": method,
         "diffadapt_merge_sources": ", ".join(f"{Path(p).name}:{w}" for p, w in sources.items()),
-        "diffadapt_merge_rel_error": f"{error:.6g}",
-        "diffadapt_merge_worst_module_error": f"{worst:.6g}",
+        **result.metadata(),
     }
-    spec = to_spec(merged, source="merge", metadata=metadata)
-    return convert(spec, dest, format=to, dtype=dtype, model=target, overwrite=overwrite), error
+    spec = to_spec(result.params, source="merge", metadata=metadata)
+    return convert(spec, dest, format=to, dtype=dtype, model=target, overwrite=overwrite), result.error

@@ -14,7 +14,7 @@ from torch import nn
 from . import weights
 from .errors import FormatError, KeyMappingError, ShapeError
 from .info import guess_family
-from .backends.peft_layers import unwrap
+from .peft_bridge import unwrap
 from .keys import ANY, ModuleIndex
 from .spec import COMPONENTS, AdapterInfo, AdapterSpec, ModulePatch
 
@@ -161,7 +161,9 @@ class Loaded:
     mode: str = "patch"
     weight: Any = 1.0  # validated by diffadapt.weights: a number, per component, or per block
     enabled: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    state: Any = None  # the backend's own typed record (inject: backends.inject.State); None when it keeps none
+    fused: bool = False  # fuse() moved it from inject mode into the weights; unfuse() moves it back
+    extra: dict[str, Any] = field(default_factory=dict)  # patch backend: modules a hotswap parked
 
     def strength(self, component: str, module: str = "") -> float:
         """The effective strength of this adapter on one module of one component."""

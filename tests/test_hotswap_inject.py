@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import diffadapt as da
-from diffadapt.backends import peft_layers
+from diffadapt import peft_bridge as peft_layers
 from diffadapt.fixtures import pipeline_file
 from diffadapt.pipeline import registry
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import diffadapt as da
-from diffadapt.backends import peft_layers
+from diffadapt import peft_bridge as peft_layers
 from diffadapt.fixtures import UNET_MODULES, lycoris_file, randomize_
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline
 

@@ -1,6 +1,6 @@
 """Inject backend: the adapter lives in peft tuner layers, unfused, built from the file's tensors.
 
-``apply`` converts every target to its peft form first (``export.peft.to_peft``: rank / alpha patterns from
+``apply`` converts every target to its peft form first (``Params.to_peft``: rank / alpha patterns from
 the tensors, LoKr layout, OFT / WaveFT config), checks that peft can hold it exactly and that it composes
 with what the module already carries as in patch mode — all before the model is touched. Then, per
 component, the modules are grouped into as few peft configs as their shared fields allow (one peft adapter
@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import DiffAdaptError, UnsupportedError
-from ..export import module_kind
-from ..export.peft import PeftEntry, group_entries, make_config, to_peft
+from .. import peft_bridge as pl
+from ..methods.base import PeftEntry
+from ..peft_bridge import group_entries, make_config, module_kind
+from . import inject_hotswap
 from . import patch as patch_backend
-from . import peft_layers as pl
 
 NAME = "inject"
-KEY = "inject"
 
 
 @dataclass
@@ -51,7 +51,9 @@ class Site:
     peft_name: str = ""
     layer: nn.Module | None = None
     base_scaling: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    oft: pl.OftSkew | None = None  # PEFT OFT: the skew strength scales
+    dora: pl.DoraFold | None = None  # DoRA: the tensors strength folds into
+    before: nn.Module | None = None  # while building: what sat in the parent before
 
     @property
     def peft_type(self) -> str:
@@ -63,8 +65,11 @@ class Site:
 
 @dataclass
 class State:
+    """What the inject backend keeps for one adapter (``Loaded.state``)."""
+
     sites: list[Site]
     configs: dict[tuple[int, str], tuple[nn.Module, Any]]  # (id(root), peft name) → (root, config)
+    hotswap: inject_hotswap.Prepared | None = None  # set by prepare_hotswap
 
 
 def _kind(entry: PeftEntry) -> str:
@@ -107,7 +112,7 @@ def _sites(loaded) -> list[Site]:
         head, _, attr = t.module_name.rpartition(".")
         parent = t.root.get_submodule(head) if head else t.root
         try:
-            entry = to_peft(t.patch.params, kind=module_kind(t.module), shape=tuple(t.module.weight.shape),
+            entry = t.patch.params.to_peft(kind=module_kind(t.module), shape=tuple(t.module.weight.shape),
                             where=where, inject=True)
         except UnsupportedError as e:
             raise UnsupportedError(f"{e}; use mode='patch'") from None
@@ -164,7 +169,7 @@ def apply(loaded) -> None:
             layers, _ = pl.build(tops, [s.module_name for s in gsites], group, name)
             for s, layer, top in zip(gsites, layers, tops):
                 s.peft_name, s.layer = name, layer
-                s.extra["top"] = top
+                s.before = top
                 if layer is not top:
                     setattr(s.parent, s.attr, layer)
                 layer.train(top.training)  # peft builds adapters in train mode: LoHa/LoKr would drop modules
@@ -184,8 +189,8 @@ def apply(loaded) -> None:
         _undo(done, configs, foreign)
         raise
     for s in sites:
-        s.extra.pop("top", None)
-    loaded.extra[KEY] = State(sites=sites, configs=configs)
+        s.before = None
+    loaded.state = State(sites=sites, configs=configs)
 
 
 def _copied(entry: PeftEntry) -> PeftEntry:
@@ -204,21 +209,21 @@ def _remember(s: Site) -> None:
         vec0 = mod.weight.detach().clone()
         # COFT: peft re-projects at every forward; scaling the projected Q keeps |sQ| inside for |s| ≤ 1
         vec = mod._project_batch(vec0, eps=mod.eps).detach() if mod.coft else vec0
-        s.extra.update(vec0=vec0, vec=vec, coft=bool(mod.coft))
+        s.oft = pl.OftSkew(vec0=vec0, vec=vec, coft=bool(mod.coft))
     elif s.peft_type == "WAVEFT":
         s.base_scaling = float(layer.waveft_scaling[n])
     else:
         s.base_scaling = float(layer.scaling[n])
         mags = getattr(layer, "lora_magnitude_vector", None)
         if mags is not None and n in mags:
-            s.extra.update(dora=True, params=s.params.to(dtype=torch.float32),
-                           lora_B=layer.lora_B[n].weight.detach().clone(),
-                           magnitude=mags[n].weight.detach().clone())
+            s.dora = pl.DoraFold(params=s.params.to(dtype=torch.float32),
+                                 lora_B=layer.lora_B[n].weight.detach().clone(),
+                                 magnitude=mags[n].weight.detach().clone())
 
 
 def _undo(done: list[Site], configs, foreign) -> None:
     for s in reversed(done):
-        layer, top = s.layer, s.extra.get("top")
+        layer, top = s.layer, s.before
         if layer is not top:
             if s.top() is layer:
                 setattr(s.parent, s.attr, top)
@@ -260,8 +265,8 @@ def _splice(s: Site, layer: nn.Module) -> None:
 
 def remove(loaded) -> None:
     """Delete the adapter from every layer; emptied layers give their place back to the original module."""
-    state: State | None = loaded.extra.pop(KEY, None)
-    loaded.extra.pop("inject_hotswap", None)  # the padded layers go with it
+    state: State | None = loaded.state
+    loaded.state = None  # the padded layers of a prepared adapter go with it
     if state is None:
         return
     for s in reversed(state.sites):
@@ -280,11 +285,11 @@ def refresh(loaded_list, *, inplace: bool = True) -> None:
     """Re-read each adapter's strength per module: layer scalings, OFT skew, DoRA folding (all in place)."""
     todo = []
     for loaded in loaded_list:
-        state: State | None = loaded.extra.get(KEY)
+        state: State | None = loaded.state
         for s in state.sites if state else ():
             todo.append((s, loaded.strength(s.component, s.module_name)))
     for s, w in todo:  # check first: a refused weight changes nothing
-        if s.peft_type == "OFT" and s.extra.get("coft") and abs(w) > 1:
+        if s.oft is not None and s.oft.coft and abs(w) > 1:
             raise UnsupportedError(f"{s.where}: COFT cannot hold weight {w} (|w| > 1) in peft's layer; "
                                    "use mode='patch'")
     layers = {}
@@ -298,14 +303,17 @@ def refresh(loaded_list, *, inplace: bool = True) -> None:
 
 def peft_names(loaded) -> list[tuple[str, str]]:
     """(component, peft adapter name) pairs an injected adapter uses."""
-    state: State | None = loaded.extra.get(KEY)
+    state: State | None = loaded.state
     if state is None:
         return []
     return list(dict.fromkeys((s.component, s.peft_name) for s in state.sites))
 
 
+def prepare_hotswap(loaded_list, *, max_rank: int) -> None:
+    """Pad these adapters' layers for compiled hotswaps (see ``inject_hotswap``); checks all before any change."""
+    inject_hotswap.prepare(loaded_list, max_rank=max_rank)
+
+
 def hotswap(loaded, targets) -> None:
     """In-place swap for adapters prepared with ``prepare_hotswap`` (see ``inject_hotswap``)."""
-    from .inject_hotswap import hotswap as swap
-
-    swap(loaded, targets)
+    inject_hotswap.hotswap(loaded, targets)

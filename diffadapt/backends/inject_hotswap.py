@@ -1,7 +1,7 @@
 """Hotswap for inject-mode adapters without recompiling a ``torch.compile``d model.
 
 Dynamo guards a peft layer on its factors' shapes and on float scalings by value, so a swap to another rank or
-alpha would recompile. :func:`prepare_hotswap` (after loading, before compiling) therefore pads every LoRA /
+alpha would recompile. :func:`prepare` (``da.prepare_hotswap``: after loading, before compiling) therefore pads every LoRA /
 LoHa factor of the adapter to ``max_rank`` with zeros — exact: zero rank components add nothing, and for
 LoHa each Hadamard half ``w_a @ w_b`` is unchanged — and turns each ``scaling[adapter]`` into a 0-dim tensor,
 so later swaps and re-weights are value writes. Prepared adapters stay active at strength 0 (a zero scaling),
@@ -17,17 +17,26 @@ cannot be padded to one shape for all files.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedError
-from ..export import module_kind
-from ..export.peft import PeftEntry, to_peft
-from . import peft_layers as pl
+from .. import peft_bridge as pl
+from ..methods.base import PeftEntry
+from ..peft_bridge import module_kind
 
-KEY = "inject_hotswap"  # Loaded.extra: {"max_rank": int}
+
+
+@dataclass
+class Prepared:
+    """On a prepared adapter's state: its factors are padded to ``max_rank`` and its scalings are tensors."""
+
+    max_rank: int
+
+
 # peft tensor (checkpoint suffix) → axis that holds the rank
 RANK_AXES = {"LORA": {"lora_A.weight": 0, "lora_B.weight": 1},
              "LOHA": {"hada_w1_a": 1, "hada_w1_b": 0, "hada_w2_a": 1, "hada_w2_b": 0}}
@@ -71,59 +80,39 @@ def _rank(s) -> int:
     return int(_get(s.layer, s.peft_name, axis_key).shape[axis])
 
 
-def _state(loaded):
-    from .inject import KEY as INJECT
-
-    return loaded.extra.get(INJECT)
-
-
 # -- prepare ---------------------------------------------------------------------------------------------
 
 
-def prepare_hotswap(target: Any, *, max_rank: int, names: list[str] | None = None) -> list[str]:
-    """Pad the named inject-mode adapters (all when None) to ``max_rank``; returns the names prepared.
+def prepare(loaded_list, *, max_rank: int) -> None:
+    """Pad these inject-mode adapters to ``max_rank`` (the backend hook behind ``da.prepare_hotswap``).
 
     Call it after loading and before ``torch.compile``: it changes parameter shapes and scaling types.
     Everything is checked before any layer is touched.
     """
-    from ..pipeline import registry
-
-    if not isinstance(max_rank, int) or max_rank < 1:
+    if not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1:
         raise ValueError(f"max_rank must be a positive int, got {max_rank!r}")
-    reg = registry(target)
-    with reg.lock:
-        if names is None:
-            items = [a for a in reg.adapters.values() if a.mode == "inject"]
-        else:
-            missing = [n for n in names if n not in reg.adapters]
-            if missing:
-                from ..errors import AdapterNotFoundError
-
-                raise AdapterNotFoundError(f"no adapters named {missing} are loaded (loaded: {sorted(reg.adapters)})")
-            items = [reg.adapters[n] for n in names]
-        for loaded in items:
-            if loaded.mode != "inject" or _state(loaded) is None:
-                raise UnsupportedError(f"adapter '{loaded.name}' is not loaded with mode='inject'; patch-mode "
-                                       "adapters hotswap without preparation")
-            for s in _state(loaded).sites:
-                why = _unsupported(s.entry)
-                if why is not None:
-                    raise UnsupportedError(f"{s.where}: inject-mode hotswap cannot hold {why}; {HINT}")
-                base = pl.unwrap(s.layer)
-                if getattr(base, "groups", 1) != 1:
-                    raise UnsupportedError(f"{s.where}: grouped convolution; {HINT}")
-                if _rank(s) > max_rank:
-                    raise UnsupportedError(f"{s.where}: rank {_rank(s)} is above max_rank={max_rank}")
-        for loaded in items:
-            _prepare(loaded, max_rank)
-        return [a.name for a in items]
+    for loaded in loaded_list:
+        if loaded.mode != "inject" or loaded.state is None:
+            raise UnsupportedError(f"adapter '{loaded.name}' is not loaded with mode='inject'; patch-mode "
+                                   "adapters hotswap without preparation")
+        for s in loaded.state.sites:
+            why = _unsupported(s.entry)
+            if why is not None:
+                raise UnsupportedError(f"{s.where}: inject-mode hotswap cannot hold {why}; {HINT}")
+            base = pl.unwrap(s.layer)
+            if getattr(base, "groups", 1) != 1:
+                raise UnsupportedError(f"{s.where}: grouped convolution; {HINT}")
+            if _rank(s) > max_rank:
+                raise UnsupportedError(f"{s.where}: rank {_rank(s)} is above max_rank={max_rank}")
+    for loaded in loaded_list:
+        _prepare(loaded, max_rank)
 
 
 @torch.no_grad()
 def _prepare(loaded, max_rank: int) -> None:
     layers = {}
     with torch.inference_mode(False), torch.no_grad():
-        for s in _state(loaded).sites:
+        for s in loaded.state.sites:
             layer, n = s.layer, s.peft_name
             for key, axis in RANK_AXES[s.peft_type].items():
                 old = _get(layer, n, key)
@@ -143,7 +132,7 @@ def _prepare(loaded, max_rank: int) -> None:
             layers[id(layer)] = layer
     for layer in layers.values():
         pl.activate(layer)
-    loaded.extra[KEY] = {"max_rank": max_rank}
+    loaded.state.hotswap = Prepared(max_rank)
 
 
 # -- hotswap ---------------------------------------------------------------------------------------------
@@ -151,12 +140,12 @@ def _prepare(loaded, max_rank: int) -> None:
 
 def _plan(loaded, targets) -> list[tuple[Any, PeftEntry | None, Any]]:
     """(site, new entry or None for 'zero it', new target) per site; raises before anything is written."""
-    prepared = loaded.extra.get(KEY)
+    prepared = loaded.state.hotswap if loaded.state is not None else None
     if prepared is None:
         raise UnsupportedError(f"adapter '{loaded.name}' (mode='inject') was not prepared for hotswap: call "
                                "da.prepare_hotswap(pipe, max_rank=...) after loading it and before torch.compile")
-    max_rank = prepared["max_rank"]
-    sites = {(s.component, s.module_name): s for s in _state(loaded).sites}
+    max_rank = prepared.max_rank
+    sites = {(s.component, s.module_name): s for s in loaded.state.sites}
     new: dict[tuple[str, str], tuple[PeftEntry, Any]] = {}
     outside, problems = [], []
     for t in targets:
@@ -167,7 +156,7 @@ def _plan(loaded, targets) -> list[tuple[Any, PeftEntry | None, Any]]:
             continue
         s = sites[key]
         try:
-            entry = to_peft(t.patch.params, kind=module_kind(t.module), shape=tuple(t.module.weight.shape),
+            entry = t.patch.params.to_peft(kind=module_kind(t.module), shape=tuple(t.module.weight.shape),
                             where=where, inject=True)
         except UnsupportedError as e:
             problems.append(str(e))
@@ -218,12 +207,10 @@ def hotswap(loaded, targets) -> None:
                     shape = list(param.shape)
                     shape[axis] = r
                     param.narrow(axis, 0, r).copy_(entry.tensors[key].reshape(shape))
-            if entry is None:
+            if entry is None:  # a module the new file leaves out: zero factors, kept for the compiled graph
                 s.base_scaling = 0.0
-                s.extra["idle"] = True
             else:
                 s.entry, s.params = entry, t.patch.params
                 s.base_scaling = float(entry.values[ALPHA[s.peft_type]]) / float(entry.values["r"])
-                s.extra.pop("idle", None)
             s.strength = loaded.strength(s.component, s.module_name)
             pl.set_strength(s, s.strength)

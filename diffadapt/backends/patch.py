@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..compose import compose
 from ..errors import UnsupportedError
 from ..methods.base import Params
 
@@ -51,44 +52,7 @@ class Slot:
         straight into the live weight: a single ``addmm`` for low-rank stacks, a fused ``addcmul`` for
         LoHa/LoKr — one pass over W, no intermediate ΔW or copy.
         """
-        live = [e for e in self.entries if e.strength != 0.0]
-        if not live:
-            return self.original, self.original_bias
-        w0, shape = self.original, self.original.shape
-        acc = None if w0.dtype == torch.float32 else w0.float()  # the running weight once we own one
-        dst = out if out is not None and out.dtype == torch.float32 and out.is_contiguous() else None
-
-        def source() -> torch.Tensor:
-            return w0 if acc is None else acc
-
-        def target() -> torch.Tensor | None:
-            return acc if acc is not None else dst
-
-        factors = [(e, e.params.lowrank()) for e in live if e.params.is_additive]
-        lowrank = [(e, f) for e, f in factors if f is not None]
-        if lowrank:
-            u = lowrank[0][1][0] * lowrank[0][0].strength if len(lowrank) == 1 else torch.cat(
-                [f[0] * e.strength for e, f in lowrank], dim=1)
-            d = lowrank[0][1][1] if len(lowrank) == 1 else torch.cat([f[1] for _, f in lowrank], dim=0)
-            dest = target()
-            acc = torch.addmm(source().reshape(shape[0], -1), u, d,
-                              out=None if dest is None else dest.view(shape[0], -1)).view(shape)
-        for e, f in factors:
-            if f is None:
-                acc = e.params.add_to(source(), e.strength, out=target())
-        w = source()
-        for e in live:
-            if not e.params.is_additive:
-                w = e.params.apply(w, e.strength)
-        bias = self.original_bias
-        bias_deltas = [(e, e.params.bias_delta()) for e in live]
-        if bias is not None and any(b is not None for _, b in bias_deltas):
-            b = bias.float()
-            for e, db in bias_deltas:
-                if db is not None:
-                    b = b + e.strength * db
-            bias = b.to(self.original_bias.dtype)
-        return w.to(w0.dtype), bias
+        return compose(self.original, self.entries, bias=self.original_bias, out=out)
 
     @torch.inference_mode(False)  # an inference tensor in a parameter would fail compiled code's guards
     @torch.no_grad()

@@ -1,9 +1,8 @@
 """From the canonical spec back to files: kohya / LyCORIS single files and PEFT folders or files.
 
-Each target format has one small module with pure converters (``Params`` → that format's suffix tensors,
-dispatching on the Params type) and a writer. A converter raises ``UnsupportedError`` when the format cannot
-express a method exactly; it never approximates. ``peft.py`` is shared with the inject backend, which builds
-its tuner layers from the same per-module entries.
+Format plumbing only — names, metadata, dtypes, files. What a method's tensors look like in a format is the
+method's own (``Params.to_kohya`` / ``Params.to_peft`` in ``methods/<m>.py``), which raises
+``UnsupportedError`` when the format cannot express it exactly; nothing is approximated.
 """
 
 from __future__ import annotations
@@ -11,11 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from ..methods.base import Params
-
-KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
 
 
 @dataclass
@@ -33,13 +28,6 @@ class Item:
     @property
     def weight_ndim(self) -> int | None:
         return len(self.shape) if self.shape is not None else self.ndim
-
-
-def module_kind(module: nn.Module) -> str | None:
-    for cls, kind in KINDS.items():
-        if isinstance(module, cls):
-            return kind
-    return None
 
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,

@@ -18,36 +18,11 @@ from torch import nn
 
 from ..errors import UnsupportedError
 from ..io import PEFT_CONFIG, write_safetensors
-from ..methods.lokr import LoKrParams
-from ..methods.lora import LoRAParams
-from ..methods.loha import LoHaParams
-from ..methods.oft import PeftOFTParams
-from ..methods.waveft import WaveFTParams
+from ..peft_bridge import build, config_json, group_entries, make_config
 from . import Item, cast
 from .kohya import PEFT_ONLY_METADATA
-from .peft import config_json, group_entries, make_config, to_peft
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
-
-
-def infer_shape(params: Any) -> tuple[int, ...]:
-    """A module weight shape that fits ``params`` when no model says (enough for peft's parameter shapes)."""
-    if isinstance(params, LoRAParams):
-        if params.mid is not None:
-            return (params.up.shape[0], params.down.shape[1], *params.mid.shape[2:])
-        return (params.up.shape[0], *params.down.shape[1:])
-    if isinstance(params, LoHaParams):
-        tail = params.t1.shape[2:] if params.t1 is not None else ()
-        return (params.out_features, params.w1_b.shape[1], *tail)
-    if isinstance(params, LoKrParams):
-        (a, b), (c, d) = params.kron_shapes
-        kernel = params.t2.shape[2:] if params.t2 is not None else params.w2.shape[2:] if params.w2 is not None else ()
-        return (a * c, b * d, *kernel)
-    if isinstance(params, PeftOFTParams):
-        return (1, params.block_size * (1 if params.block_share else params.rank))
-    if isinstance(params, WaveFTParams):
-        return (1, int(params.spectrum.numel()))
-    raise UnsupportedError(f"{type(params).__name__}: no PEFT form")
 
 
 def _empty(shape: tuple[int, ...]) -> nn.Module:
@@ -63,17 +38,15 @@ _KINDS = {2: "linear", 3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
 def peft_parts(items: list[Item], *, where: str) -> dict[str, tuple[dict[str, Any], dict[str, torch.Tensor]]]:
     """{component: (adapter_config dict, {module.suffix: tensor})}; one peft config per component."""
-    from ..backends.peft_layers import build
-
     by_comp: dict[str, list[Item]] = {}
     for it in items:
         by_comp.setdefault("" if it.component == "*" else it.component, []).append(it)
     out = {}
     for comp, group_items in by_comp.items():
-        shapes = {it.module: it.shape or infer_shape(it.params) for it in group_items}
+        shapes = {it.module: it.shape or tuple(it.params.weight_shape()) for it in group_items}
         entries = {
-            it.module: to_peft(it.params, kind=it.kind or _KINDS.get(len(shapes[it.module])), shape=shapes[it.module],
-                               where=f"{where}: {comp + '.' if comp else ''}{it.module}", inject=False)
+            it.module: it.params.to_peft(kind=it.kind or _KINDS.get(len(shapes[it.module])), shape=shapes[it.module],
+                                         where=f"{where}: {comp + '.' if comp else ''}{it.module}", inject=False)
             for it in group_items
         }
         groups = group_entries(entries)

@@ -1,12 +1,16 @@
 """What every adapter method provides, and helpers they share.
 
-A method is one small module in this package holding
-  * a typed ``Params`` dataclass (the tensors of one adapted module),
+A method is one small module in this package holding all of it:
   * its math as pure functions on tensors (tested against the reference implementations),
-  * a :class:`MethodDef` registered in ``methods/__init__.py``.
+  * a typed ``Params`` dataclass (the tensors of one adapted module) with the math, strength, and the
+    method's writers to the other formats: ``to_kohya`` (kohya / LyCORIS suffix tensors) and ``to_peft``
+    (a :class:`PeftEntry`: what peft's own tuner layer needs to hold it exactly),
+  * ``parse`` from the file's tensors and a :class:`MethodDef` registered in ``methods/__init__.py``.
 
-Backends never look inside a method: they call ``params.check(shape)``, ``params.delta(shape)``
-(additive methods), ``params.lowrank()`` (fast path for stacking) and ``params.apply(W, weight)``.
+Backends and writers never look inside a method: they call ``params.check(shape)``, ``params.delta(shape)``
+(additive methods), ``params.lowrank()`` (fast path for stacking), ``params.apply(W, weight)``,
+``params.to_kohya(...)`` and ``params.to_peft(...)``. A format a method has no exact form in raises
+``UnsupportedError`` naming the module; nothing is approximated.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -32,10 +36,21 @@ class ParseContext:
 
 
 @dataclass
+class PeftEntry:
+    """One module in peft terms: what ``to_peft`` gives and ``peft_bridge`` turns into configs and layers."""
+
+    peft_type: str  # LORA | LOHA | LOKR | OFT | WAVEFT
+    tensors: dict[str, torch.Tensor]  # PEFT checkpoint suffix → tensor (reshaped to peft's layout on build)
+    values: dict[str, Any] = field(default_factory=dict)  # per-module config values (become patterns)
+    shared: dict[str, tuple] = field(default_factory=dict)  # config field → values it may take, preferred first
+
+
+@dataclass
 class Params(abc.ABC):
     """Base of the typed per-module tensors. Subclasses are dataclasses whose tensor fields are the weights."""
 
     additive: ClassVar[bool] = True  # False: the method transforms W (OFT, DoRA) and cannot be summed
+    kohya_algo: ClassVar[str | None] = None  # LyCORIS ``algo`` for ``ss_network_args``; None: no kohya form
 
     # -- introspection -------------------------------------------------------------------------------
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -99,6 +114,30 @@ class Params(abc.ABC):
         """The adapted weight for strength ``weight``: identity at 0, exact at 1."""
         return self.add_to(w, weight)
 
+    # -- writers -------------------------------------------------------------------------------------
+    @property
+    def tucker(self) -> bool:
+        """Whether a Tucker core carries the kernel (``use_tucker`` in LyCORIS metadata)."""
+        return False
+
+    @property
+    def kohya_plain(self) -> bool:
+        """A plain LoRA that ``networks.lora`` (kohya's own module) loads; anything else needs LyCORIS."""
+        return False
+
+    def to_kohya(self, *, ndim: int | None, where: str) -> dict[str, torch.Tensor]:
+        """Suffix → tensor in kohya / LyCORIS form; ``ndim`` is the module weight's (for per-channel tensors)."""
+        raise UnsupportedError(f"{where}: {type(self).__name__} has no kohya/LyCORIS form")
+
+    def to_peft(self, *, kind: str | None, shape: tuple[int, ...] | None, where: str, inject: bool) -> PeftEntry:
+        """The peft form; ``kind`` (linear | conv1d | conv2d | conv3d) and ``shape`` describe the module when
+        known. ``inject``: for live layers (some peft forwards differ from what they merge)."""
+        raise UnsupportedError(f"{where}: {type(self).__name__} has no peft tuner")
+
+    def weight_shape(self) -> tuple[int, ...]:
+        """A module weight shape these params fit, for writers that have no model (enough for peft's layouts)."""
+        raise UnsupportedError(f"{type(self).__name__}: no module shape can be read off its tensors")
+
 
 class AlphaOverRank:
     """kohya's rule for methods that store ``alpha_value`` and a ``rank``: scale = alpha / r, alpha = r if absent."""
@@ -124,6 +163,33 @@ class MethodDef:
 
 
 # -- shared helpers ----------------------------------------------------------------------------------
+
+
+def kernel_of(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    """Kernel dims without trailing 1s: PEFT stores Conv1d Tucker cores as (r, r, k, 1)."""
+    k = list(shape)
+    while k and k[-1] == 1:
+        k.pop()
+    return tuple(k)
+
+
+def kernel(shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """The kernel dims of a module weight shape; () for Linear or when unknown."""
+    return tuple(shape[2:]) if shape is not None and len(shape) > 2 else ()
+
+
+def peft_tensors(t: dict[str, torch.Tensor], ctx: "ParseContext") -> bool:
+    """PEFT and LyCORIS share LoHa / LoKr suffixes; PEFT keeps alpha in its config, LyCORIS writes one per module."""
+    return ctx.fmt == "peft" or (ctx.config is not None and "alpha" not in t)
+
+
+def kohya_scalar(v: float) -> torch.Tensor:
+    """kohya's per-module scalar (``alpha``): a float32 0-dim tensor."""
+    return torch.tensor(float(v), dtype=torch.float32)
+
+
+def refuse(where: str, reason: str) -> UnsupportedError:
+    return UnsupportedError(f"{where}: {reason}")
 
 
 def scalar(t: torch.Tensor | float | None, *, where: str, name: str = "alpha") -> float | None:

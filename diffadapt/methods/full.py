@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..errors import FormatError, ShapeError
-from .base import MethodDef, ParseContext, Params, expect_fit, require, reshape_to
+from .base import MethodDef, ParseContext, Params, PeftEntry, expect_fit, refuse, require, reshape_to
 
 
 @dataclass
@@ -38,6 +38,14 @@ class FullParams(Params):
 
     def bias_delta(self) -> torch.Tensor | None:
         return None if self.diff_b is None else self.diff_b.reshape(-1)
+
+    kohya_algo: ClassVar[str] = "full"
+
+    def to_kohya(self, *, ndim: int | None, where: str) -> dict[str, torch.Tensor]:
+        return {"diff": self.diff} | ({"diff_b": self.diff_b} if self.diff_b is not None else {})
+
+    def to_peft(self, *, kind: str | None, shape: tuple[int, ...] | None, where: str, inject: bool) -> PeftEntry:
+        raise refuse(where, "full/diff weights (LyCORIS 'full') have no peft tuner")
 
 
 def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> FullParams:

@@ -14,8 +14,9 @@ from typing import ClassVar
 import torch
 
 from ..errors import FormatError, ShapeError
-from .base import AlphaOverRank, MethodDef, ParseContext, Params, expect_fit, require, reshape_to, scalar
-from .lora import DoRA
+from .base import (AlphaOverRank, MethodDef, ParseContext, Params, PeftEntry, expect_fit, kernel, kernel_of,
+                   kohya_scalar, peft_tensors, refuse, require, reshape_to, scalar)
+from .dora import DoRA, dora_on_out
 
 
 # -- pure math ---------------------------------------------------------------------------------------
@@ -55,25 +56,6 @@ def hada_tucker_delta(
 ) -> torch.Tensor:
     """(out, in, *k) = s·rebuild(t1, w1a, w1b) ⊙ rebuild(t2, w2a, w2b)."""
     return tucker_rebuild(t1, w1a, w1b) * tucker_rebuild(t2, w2a, w2b) * scale
-
-
-def kernel_of(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
-    """Kernel dims without trailing 1s: PEFT stores Conv1d Tucker cores as (r, r, k, 1)."""
-    k = list(shape)
-    while k and k[-1] == 1:
-        k.pop()
-    return tuple(k)
-
-
-def peft_tensors(t: dict[str, torch.Tensor], ctx: ParseContext) -> bool:
-    """PEFT and LyCORIS share suffixes; PEFT keeps alpha in its config, LyCORIS writes one per module."""
-    return ctx.fmt == "peft" or (ctx.config is not None and "alpha" not in t)
-
-
-def dora_on_out(magnitude: torch.Tensor, out_features: int) -> bool:
-    """LyCORIS >= 3 stores the DoRA magnitude as (out, 1, …); older files as (1, in, …)."""
-    m = magnitude
-    return not (m.dim() >= 2 and m.shape[0] == 1 and m.shape[1] != 1 and out_features != 1)
 
 
 # -- params ------------------------------------------------------------------------------------------
@@ -137,6 +119,33 @@ class LoHaParams(DoRA, AlphaOverRank, Params):
         if self.t1 is not None:
             return super().add_to(w, strength, out=out)
         return hada_add(w, self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.scale * strength, out=out)
+
+    # -- writers -------------------------------------------------------------------------------------
+    kohya_algo: ClassVar[str] = "loha"
+
+    def to_kohya(self, *, ndim: int | None, where: str) -> dict[str, torch.Tensor]:
+        t = {"hada_w1_a": self.w1_a, "hada_w1_b": self.w1_b, "hada_w2_a": self.w2_a, "hada_w2_b": self.w2_b}
+        if self.t1 is not None:
+            t.update(hada_t1=self.t1, hada_t2=self.t2)
+        return t | {"alpha": kohya_scalar(self.alpha)} | self.kohya_dora(ndim or 2)
+
+    def to_peft(self, *, kind: str | None, shape: tuple[int, ...] | None, where: str, inject: bool) -> PeftEntry:
+        if self.magnitude is not None:
+            raise refuse(where, "LoHa with DoRA weight decomposition has no peft layer")
+        if int(self.w2_b.shape[0]) != self.rank:
+            raise refuse(where, f"LoHa halves of ranks {self.rank} and {int(self.w2_b.shape[0])}; peft uses one rank")
+        big_kernel = any(x != 1 for x in kernel(shape))
+        if self.tucker and shape is not None and not big_kernel:
+            raise refuse(where, "LoHa Tucker cores on a 1×1 kernel; peft keeps Tucker only for larger kernels")
+        tensors = {f"hada_{n}": getattr(self, n) for n in ("w1_a", "w1_b", "w2_a", "w2_b")}
+        if self.tucker:
+            tensors.update(hada_t1=self.t1, hada_t2=self.t2)
+        shared = {"use_effective_conv2d": (self.tucker,)} if big_kernel or self.tucker else {}
+        return PeftEntry("LOHA", tensors, {"r": self.rank, "alpha": self.alpha}, shared)
+
+    def weight_shape(self) -> tuple[int, ...]:
+        tail = self.t1.shape[2:] if self.t1 is not None else ()
+        return (self.out_features, self.w1_b.shape[1], *tail)
 
 
 

@@ -10,6 +10,7 @@ Conv kernels live in w2 (full, flattened into ``lokr_w2_b``, or in the Tucker co
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,9 +18,9 @@ from typing import ClassVar
 import torch
 
 from ..errors import FormatError, ShapeError
-from .base import MethodDef, ParseContext, Params, expect_fit, scalar
-from .loha import dora_on_out, kernel_of, peft_tensors
-from .lora import DoRA
+from .base import MethodDef, ParseContext, Params, PeftEntry, expect_fit, kernel, kernel_of, kohya_scalar, \
+    peft_tensors, refuse, scalar
+from .dora import DoRA, dora_on_out
 
 
 # -- pure math ---------------------------------------------------------------------------------------
@@ -158,6 +159,119 @@ class LoKrParams(DoRA, Params):
         if w1.shape[0] * w2.shape[0] != w.shape[0] or w1.shape[1] * w2[0].numel() != w[0].numel():
             raise ShapeError(f"LoKr factors {tuple(w1.shape)} ⊗ {tuple(w2.shape)} do not fit a weight {tuple(w.shape)}")
         return lokr_add(w, w1, w2, self.scale * strength, out=out)
+
+    # -- writers -------------------------------------------------------------------------------------
+    kohya_algo: ClassVar[str] = "lokr"
+
+    def to_kohya(self, *, ndim: int | None, where: str) -> dict[str, torch.Tensor]:
+        """LyCORIS scales only when a factor is decomposed: two whole factors get the scale baked into w1."""
+        if self.peft_kron and self.w2 is not None and self.w2.dim() == 3:
+            raise refuse(where, "peft's Conv1d LoKr with a whole w2 (make_kron layout) has no LyCORIS "
+                                "equivalent — save it in PEFT format")
+        t: dict[str, torch.Tensor] = {}
+        decomposed = self.w1 is None or self.w2 is None
+        w1 = self.w1 if decomposed or self.scale == 1.0 else self.w1 * self.scale
+        if w1 is not None:
+            t["lokr_w1"] = w1
+        else:
+            t.update(lokr_w1_a=self.w1_a, lokr_w1_b=self.w1_b)
+        if self.w2 is not None:
+            t["lokr_w2"] = self.w2
+        else:
+            t.update(lokr_w2_a=self.w2_a, lokr_w2_b=self.w2_b)
+            if self.t2 is not None:
+                t["lokr_t2"] = self.t2
+        if decomposed:  # LyCORIS: s = alpha / r, r from the first decomposed factor
+            r = int(self.w1_b.shape[0]) if self.w1 is None else int(self.w2_b.shape[0])
+            t["alpha"] = kohya_scalar(self.scale * r)
+        else:
+            t["alpha"] = kohya_scalar(self.rank_value if self.rank_value is not None else (self.alpha_value or 1.0))
+        return t | self.kohya_dora(ndim or 2)
+
+    def to_peft(self, *, kind: str | None, shape: tuple[int, ...] | None, where: str, inject: bool) -> PeftEntry:
+        """peft's LoKr layer derives its layout from (out, in), r, ``decompose_factor`` and ``decompose_both``:
+        pick the settings that reproduce these factors, recomposing a factor where peft's rank rule wants it whole."""
+        if self.magnitude is not None:
+            raise refuse(where, "LoKr with DoRA weight decomposition has no peft layer")
+        (a, b), (c, d_flat) = self.kron_shapes
+        if shape is None:  # no module known: read the layout as a Linear one
+            shape = (a * c, b * d_flat)
+        out, in_dim, k = shape[0], shape[1], kernel(shape)
+        d = in_dim // b
+        factors = _factors(out, in_dim, a, b, c, d) if b * d == in_dim else ()
+        if not factors:
+            raise refuse(where, f"LoKr factors {a}×{b} ⊗ {c}×{d} are not a split of ({out}, {in_dim}) that peft's "
+                                "factorization() makes for any decompose_factor")
+        w2_full = self.w2 is not None
+        r = int(self.w2_b.shape[0]) if not w2_full else None
+        if r is not None and r >= max(c, d) / 2:
+            w2_full = True  # peft makes w2 whole at this rank: recompose it (same ΔW)
+        shared: dict[str, tuple] = {"decompose_factor": factors}
+        w1_keep = False
+        r1 = int(self.w1_b.shape[0]) if self.w1 is None else None
+        if r is None:
+            if r1 is not None and max(c, d) / 2 <= r1 < max(a, b) / 2:
+                r, w1_keep = r1, True
+            else:  # a rank at which peft keeps w2 whole: the file's alpha when it is one (round trips keep it)
+                hint = self.alpha_value if self.rank_value is None and self.alpha_value else 0
+                r = int(hint) if float(hint).is_integer() and hint >= max(c, d) / 2 else max(a, b, c, d)
+        elif r1 == r and r < max(a, b) / 2:
+            w1_keep = True
+        if w1_keep:
+            shared["decompose_both"] = (True,)
+        elif r < max(a, b) / 2:
+            shared["decompose_both"] = (False,)
+        if kind == "conv1d" and w2_full and not (self.w2 is not None and self.peft_kron):
+            raise refuse(where, "a whole LoKr w2 on a Conv1d: peft's make_kron lays a 3-D w2 out differently from "
+                                "LyCORIS, so the same tensors give another ΔW")
+        big_kernel = any(x != 1 for x in k)
+        # peft's rank-1 Conv1d Tucker LoKr fails in torch.kron; the same w2 as a plain (c, r) @ (r, d·k) pair
+        untucker = self.tucker and not w2_full and kind == "conv1d" and r == 1
+        if not w2_full and big_kernel:
+            shared["use_effective_conv2d"] = (self.tucker and not untucker,)
+        elif self.tucker and not w2_full:
+            raise refuse(where, "LoKr Tucker core on a 1×1 kernel; peft keeps Tucker only for larger kernels")
+        tensors: dict[str, torch.Tensor] = {}
+        if w1_keep:
+            tensors.update(lokr_w1_a=self.w1_a, lokr_w1_b=self.w1_b)
+        else:
+            tensors["lokr_w1"] = lokr_factor(self.w1, self.w1_a, self.w1_b)
+        if w2_full:
+            if self.w2 is not None:
+                w2 = self.w2
+            elif self.t2 is not None:
+                w2 = lokr_tucker(self.t2, self.w2_a, self.w2_b)
+            else:
+                w2 = (self.w2_a @ self.w2_b.flatten(1)).reshape(c, d, *k)
+            tensors["lokr_w2"] = w2
+        elif untucker:  # w2[p, d, k] = Σ_i w2_a[i, p] · (Σ_j t2[i, j, k] w2_b[j, d])
+            core = self.t2.reshape(*self.t2.shape[:2], -1)
+            tensors.update(lokr_w2_a=self.w2_a.t(), lokr_w2_b=torch.einsum("ijk,jd->idk", core, self.w2_b).flatten(1))
+        else:
+            tensors.update(lokr_w2_a=self.w2_a, lokr_w2_b=self.w2_b)
+            if self.t2 is not None:
+                tensors["lokr_t2"] = self.t2
+        return PeftEntry("LOKR", tensors, {"r": r, "alpha": self.scale * r}, shared)
+
+    def weight_shape(self) -> tuple[int, ...]:
+        (a, b), (c, d) = self.kron_shapes
+        k = self.t2.shape[2:] if self.t2 is not None else self.w2.shape[2:] if self.w2 is not None else ()
+        return (a * c, b * d, *k)
+
+
+@functools.lru_cache(maxsize=4096)
+def _factorization(dim: int, factor: int) -> tuple[int, int]:
+    from peft.tuners.lokr.layer import factorization
+
+    return factorization(dim, factor)
+
+
+def _factors(out: int, in_dim: int, a: int, b: int, c: int, d: int) -> tuple[int, ...]:
+    """Every ``decompose_factor`` for which peft splits (out, in) into (a·c, b·d); -1 first."""
+    cands = [-1, *sorted({a, b, c, d}), *range(1, min(max(a, b, c, d), 512) + 1)]
+    return tuple(dict.fromkeys(
+        f for f in cands if _factorization(out, f) == (a, c) and _factorization(in_dim, f) == (b, d)
+    ))
 
 
 

@@ -4,7 +4,8 @@ Formats: kohya / LyCORIS (``lora_down``/``lora_up``/``lora_mid``/``alpha``/``dor
 PEFT and diffusers (``lora_A``/``lora_B``, alpha from the adapter config, ``lora_magnitude_vector``),
 old diffusers attention processors (``lora.down``/``lora.up``), rewritten to kohya names by ``keys``.
 
-DoRA with strength w: W' = W + w·(m·(W+Δ)/‖W+Δ‖ − W) — exact at 1, the identity at 0 (as ComfyUI).
+DoRA (``methods/dora.py``): W' = W + w·(m·(W+Δ)/‖W+Δ‖ − W) — exact at 1, the identity at 0 (as ComfyUI).
+Writers: kohya keeps every layout; peft folds a Tucker core into ``lora_A`` (same ΔW) and has no input-axis DoRA.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import FormatError, ShapeError
-from .base import AlphaOverRank, MethodDef, ParseContext, Params, expect_fit, require, reshape_to, scalar
+from ..errors import FormatError
+from .base import (AlphaOverRank, MethodDef, ParseContext, Params, PeftEntry, expect_fit, kohya_scalar, refuse,
+                   require, reshape_to, scalar)
+from .dora import DoRA, dora_on_out
 
 
 # -- pure math ---------------------------------------------------------------------------------------
@@ -38,54 +41,6 @@ def lora_delta(
     # up (out, r), mid (r, r, *k), down (r, in): ΔW[o, i, *k] = Σ up[o,a] mid[a,b,*k] down[b,i]
     delta = torch.einsum("ab...,bi,oa->oi...", mid, down.flatten(1), up.flatten(1))
     return delta * scale
-
-
-def dora_norm(w: torch.Tensor, *, on_out: bool, eps: float) -> torch.Tensor:
-    """‖W‖ per output row (on_out) or per input column, broadcastable against W."""
-    if on_out:
-        return w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * (w.dim() - 1)) + eps
-    wt = w.transpose(0, 1)
-    n = wt.reshape(wt.shape[0], -1).norm(dim=1).reshape(wt.shape[0], *[1] * (w.dim() - 1))
-    return n.transpose(0, 1) + eps
-
-
-def dora_apply(
-    w: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, weight: float, *, on_out: bool, eps: float
-) -> torch.Tensor:
-    """W + weight·(m·(W+Δ)/‖W+Δ‖ − W)."""
-    merged = w + delta
-    target = merged * (magnitude.reshape(_mag_shape(magnitude, w, on_out)) / dora_norm(merged, on_out=on_out, eps=eps))
-    return w + weight * (target - w)
-
-
-def _mag_shape(m: torch.Tensor, w: torch.Tensor, on_out: bool) -> tuple[int, ...]:
-    if on_out:
-        return (w.shape[0],) + (1,) * (w.dim() - 1)
-    return (1, w.shape[1]) + (1,) * (w.dim() - 2)
-
-
-class DoRA:
-    """DoRA on top of an additive method (LoRA; LyCORIS "DoHa"/"DoKr"). The dataclass using it declares
-    ``magnitude`` (None: plain method), ``dora_on_out`` and ``dora_eps``."""
-
-    @property
-    def is_additive(self) -> bool:
-        return self.magnitude is None
-
-    def check_magnitude(self, shape: torch.Size, *, where: str) -> None:
-        if self.magnitude is None:
-            return
-        n = shape[0] if self.dora_on_out else shape[1]
-        if self.magnitude.numel() != n:
-            raise ShapeError(
-                f"{where}: DoRA magnitude has {self.magnitude.numel()} values, the module weight "
-                f"{tuple(shape)} has {n} on its {'out' if self.dora_on_out else 'in'} axis"
-            )
-
-    def apply(self, w: torch.Tensor, weight: float) -> torch.Tensor:
-        if self.magnitude is None:
-            return self.add_to(w, weight)
-        return dora_apply(w, self.delta(w.shape), self.magnitude, weight, on_out=self.dora_on_out, eps=self.dora_eps)
 
 
 # -- params ------------------------------------------------------------------------------------------
@@ -124,6 +79,39 @@ class LoRAParams(DoRA, AlphaOverRank, Params):
             return None
         return lora_factors(self.up, self.down, self.scale)
 
+    # -- writers -------------------------------------------------------------------------------------
+    kohya_algo: ClassVar[str] = "locon"
+
+    @property
+    def tucker(self) -> bool:
+        return self.mid is not None
+
+    @property
+    def kohya_plain(self) -> bool:
+        return self.mid is None and self.magnitude is None
+
+    def to_kohya(self, *, ndim: int | None, where: str) -> dict[str, torch.Tensor]:
+        t = {"lora_down.weight": self.down, "lora_up.weight": self.up}
+        if self.mid is not None:
+            t["lora_mid.weight"] = self.mid
+        return t | {"alpha": kohya_scalar(self.alpha)} | self.kohya_dora(ndim or self.up.dim())
+
+    def to_peft(self, *, kind: str | None, shape: tuple[int, ...] | None, where: str, inject: bool) -> PeftEntry:
+        if self.magnitude is not None and not self.dora_on_out:
+            raise refuse(where, "DoRA normalised over the input axis (older LyCORIS/kohya files); peft's DoRA "
+                                "normalises each output row")
+        # Tucker LoCon: ΔW = up · (mid ×₂ down), so mid folds into a conv-shaped lora_A with the same function
+        a = self.down if self.mid is None else torch.einsum("ab...,bi->ai...", self.mid, self.down.flatten(1))
+        tensors = {"lora_A.weight": a, "lora_B.weight": self.up}
+        if self.magnitude is not None:
+            tensors["lora_magnitude_vector"] = self.magnitude.reshape(-1)
+        return PeftEntry("LORA", tensors, {"r": self.rank, "lora_alpha": self.alpha},
+                         {"use_dora": (self.magnitude is not None,)})
+
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.mid is not None:
+            return (self.up.shape[0], self.down.shape[1], *self.mid.shape[2:])
+        return (self.up.shape[0], *self.down.shape[1:])
 
 
 def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> LoRAParams:
@@ -149,10 +137,7 @@ def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> LoRAParams:
             + (f", mid {tuple(mid.shape)}" if mid is not None else "")
         )
     mag = t.get("dora_scale")
-    on_out = True
-    if mag is not None:
-        # LyCORIS >= 4 and PEFT store m as (out, 1, …); older kohya/LyCORIS files as (1, in, …)
-        on_out = not (mag.dim() >= 2 and mag.shape[0] == 1 and mag.shape[1] != 1 and up.shape[0] != 1)
+    on_out = True if mag is None else dora_on_out(mag, up.shape[0])
     return LoRAParams(
         down=down,
         up=up,

@@ -15,6 +15,7 @@ trained adapter, w = 0 the identity, and every w gives an orthogonal R (up to Ne
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ import torch
 from packaging.version import InvalidVersion, Version
 
 from ..errors import FormatError, ShapeError, UnsupportedError
-from .base import MethodDef, ParseContext, Params, config_value, require, scalar
+from .base import MethodDef, ParseContext, Params, PeftEntry, config_value, kernel, kohya_scalar, refuse, require, \
+    scalar
 
 # -- LyCORIS math ------------------------------------------------------------------------------------
 
@@ -155,6 +157,21 @@ class OFTParams(Params):
             out = out * scale.reshape(-1, *[1] * (w.dim() - 1))
         return out.to(w.dtype)
 
+    # -- writers -------------------------------------------------------------------------------------
+    @property
+    def kohya_algo(self) -> str:
+        return "boft" if self.butterfly else "diag-oft"
+
+    def to_kohya(self, *, ndim: int | None, where: str) -> dict[str, torch.Tensor]:
+        t = {"oft_blocks": self.blocks, "alpha": kohya_scalar(self.constraint)}
+        if self.rescale is not None:
+            t["rescale"] = self.rescale.reshape(-1, *[1] * ((ndim or 2) - 1))
+        return t
+
+    def to_peft(self, *, kind: str | None, shape: tuple[int, ...] | None, where: str, inject: bool) -> PeftEntry:
+        raise refuse(where, f"LyCORIS {'BOFT' if self.butterfly else 'Diag-OFT'} rotates the output side; peft's "
+                            "OFT rotates the input side")
+
 
 @dataclass
 class PeftOFTParams(Params):
@@ -202,6 +219,57 @@ class PeftOFTParams(Params):
             return w.clone()
         r = self.rotations(math.prod(w.shape[1:]), weight)
         return input_rotated_weight(w.float(), r).to(w.dtype)
+
+    # -- writers -------------------------------------------------------------------------------------
+    def to_kohya(self, *, ndim: int | None, where: str) -> dict[str, torch.Tensor]:
+        raise refuse(where, "PEFT OFT rotates the input side; LyCORIS OFT (the only OFT kohya files hold) rotates "
+                            "the output side — save it in PEFT format")
+
+    def to_peft(self, *, kind: str | None, shape: tuple[int, ...] | None, where: str, inject: bool) -> PeftEntry:
+        """peft has no per-module pattern for OFT: one config's ``r`` / ``oft_block_size`` must give every module
+        its block size through peft's own adjustment (``adjust_oft_parameters``), so the entry offers every
+        setting that does (``oft_size``: (r, oft_block_size) pairs, this module's exact block size first)."""
+        if self.neumann_legacy:
+            raise refuse(where, "the Cayley-Neumann series of peft < 0.18; current peft computes another rotation")
+        if kind not in (None, "linear", "conv2d"):
+            raise refuse(where, f"peft's OFT has no {kind} layer")
+        if inject and any(x != 1 for x in kernel(shape)):
+            raise refuse(where, "peft's unmerged OFT forward on a k×k convolution is not the rotation it merges "
+                                "(not even the identity at init)")
+        n = math.prod(shape[1:]) if shape is not None else self.block_size * (1 if self.block_share else self.rank)
+        shared = {"oft_size": oft_sizes(n, self.block_size), "use_cayley_neumann": (self.use_cayley_neumann,),
+                  "num_cayley_neumann_terms": (self.num_cayley_neumann_terms,), "block_share": (self.block_share,),
+                  "coft": (self.coft,), "eps": (self.eps,)}
+        return PeftEntry("OFT", {"oft_R.weight": self.vec}, {}, shared)
+
+    def weight_shape(self) -> tuple[int, ...]:
+        return (1, self.block_size * (1 if self.block_share else self.rank))
+
+
+def _nearest_divisor_inputs(n: int, target: int) -> list[int]:
+    """Every value v that peft turns into ``target`` for a layer of n inputs: v itself when it divides n (and
+    v ≤ n), else ``adjust_oft_parameters``' nearest divisor (ties go down; v ≥ n gives n)."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    i = divisors.index(target)
+    below = divisors[i - 1] if i else None
+    above = divisors[i + 1] if i + 1 < len(divisors) else None
+    out = [target]
+    if below is not None:
+        out += [v for v in range(target - 1, below, -1) if target - v < v - below]
+    if above is not None:
+        out += [v for v in range(target + 1, above) if v - target <= above - v]
+    elif target == n:
+        out.append(n + 1)
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def oft_sizes(n: int, block: int) -> tuple[tuple[int, int], ...]:
+    """(r, oft_block_size) config pairs under which peft gives a layer of n inputs blocks of ``block``."""
+    if n % block:
+        return ((0, block),)  # not a layout peft makes; the layer build reports the mismatch
+    return tuple([(0, v) for v in _nearest_divisor_inputs(n, block)] +
+                 [(v, 0) for v in _nearest_divisor_inputs(n, n // block)])
 
 
 # -- parsing -----------------------------------------------------------------------------------------

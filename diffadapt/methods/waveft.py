@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import FormatError, ShapeError, UnsupportedError
-from .base import MethodDef, ParseContext, Params, config_value, require
+from .base import MethodDef, ParseContext, Params, PeftEntry, config_value, refuse, require
 
 
 def _wavelets():
@@ -90,6 +90,20 @@ class WaveFTParams(Params):
         if weight == 0:
             return w.clone()
         return (w.float() + weight * self.delta(w.shape)).to(w.dtype)
+
+    def to_kohya(self, *, ndim: int | None, where: str) -> dict[str, torch.Tensor]:
+        raise refuse(where, "WaveFT has no kohya/LyCORIS form — save it in PEFT format")
+
+    def to_peft(self, *, kind: str | None, shape: tuple[int, ...] | None, where: str, inject: bool) -> PeftEntry:
+        if kind not in (None, "linear"):
+            raise refuse(where, "peft's WaveFT adapts nn.Linear only")
+        shared = {"scaling": (self.scaling,), "wavelet_family": (self.wavelet_family,), "use_idwt": (self.use_idwt,),
+                  "random_loc_seed": (self.random_loc_seed,)}
+        return PeftEntry("WAVEFT", {"waveft_spectrum": self.spectrum}, {"n_frequency": int(self.spectrum.numel())},
+                         shared)
+
+    def weight_shape(self) -> tuple[int, ...]:
+        return (1, int(self.spectrum.numel()))
 
 
 _WHY = " (needed to place and scale the coefficients)"

@@ -1,13 +1,18 @@
-"""peft tuner layers built from :class:`~diffadapt.export.peft.Group` s, and what diffadapt does to them after.
+"""The one place diffadapt meets peft's tuner machinery: configs from per-module entries, layers, strength.
 
-:func:`build` injects one group around a list of modules with ``peft.inject_adapter_in_model(...,
-low_cpu_mem_usage=True, state_dict=...)``. The root peft sees is a *proxy* holding only those modules (named
-``m0, m1, …``), so peft neither scans the whole component nor changes anything outside the targets; the new
-layers are moved into the real parents only once everything succeeded. The same call around empty modules
-gives the exact keys and shapes peft saves (used by the PEFT writer).
+Below both ``export`` (the PEFT writer builds layers around empty modules to learn peft's key names and
+shapes) and ``backends`` (the inject backend builds live layers); it imports only ``methods`` and ``errors``.
 
-Strength (:func:`set_strength`) and the active-adapter list (:func:`activate`) are diffadapt's: peft has no
-strength for OFT, WaveFT or DoRA, and its ``set_adapter`` would switch the other adapters of a layer off.
+* Configs: each method's ``Params.to_peft`` gives a :class:`~diffadapt.methods.base.PeftEntry` per module
+  (PEFT-suffixed tensors, per-module values that become ``rank_pattern`` / ``alpha_pattern`` /
+  ``n_frequency_pattern``, and the config fields every module of one config must share);
+  :func:`group_entries` puts the modules into as few configs as those shared fields allow.
+* Layers: :func:`build` injects one group around a list of modules with ``peft.inject_adapter_in_model(...,
+  low_cpu_mem_usage=True, state_dict=...)``. The root peft sees is a *proxy* holding only those modules (named
+  ``m0, m1, …``), so peft neither scans the whole component nor changes anything outside the targets; the new
+  layers are moved into the real parents only once everything succeeded.
+* Strength (:func:`set_strength`) and the active-adapter list (:func:`activate`) are diffadapt's: peft has no
+  strength for OFT, WaveFT or DoRA, and its ``set_adapter`` would switch the other adapters of a layer off.
 """
 
 from __future__ import annotations
@@ -15,12 +20,102 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import DiffAdaptError, UnsupportedError
-from ..export.peft import Group, make_config
+from .errors import DiffAdaptError, UnsupportedError
+from .methods.base import PeftEntry
+
+KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
+PATTERNS = {"r": "rank_pattern", "lora_alpha": "alpha_pattern", "alpha": "alpha_pattern",
+            "n_frequency": "n_frequency_pattern"}
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """linear | conv1d | conv2d | conv3d: the layer kinds peft's tuners distinguish."""
+    for cls, kind in KINDS.items():
+        if isinstance(module, cls):
+            return kind
+    return None
+
+
+@dataclass
+class Group:
+    """Modules that one peft config (one peft adapter name) holds."""
+
+    peft_type: str
+    shared: dict[str, tuple]
+    modules: dict[str, PeftEntry] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v[0] for k, v in self.shared.items()}
+
+
+# -- grouping and configs ----------------------------------------------------------------------------
+
+
+def group_entries(entries: dict[str, PeftEntry]) -> list[Group]:
+    """Fewest configs: each module joins the first group of its peft type whose shared fields it can take."""
+    groups: list[Group] = []
+    for name, entry in entries.items():
+        for g in groups:
+            if g.peft_type != entry.peft_type:
+                continue
+            merged = dict(g.shared)
+            for k, allowed in entry.shared.items():
+                both = tuple(v for v in merged.get(k, allowed) if v in allowed)
+                if not both:
+                    break
+                merged[k] = both
+            else:
+                g.shared = merged
+                g.modules[name] = entry
+                break
+        else:
+            groups.append(Group(entry.peft_type, dict(entry.shared), {name: entry}))
+    return groups
+
+
+def config_dict(group: Group, names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Keyword arguments of the peft config for ``group``; ``names`` renames modules (e.g. proxy names)."""
+    names = names or {m: m for m in group.modules}
+    kwargs: dict[str, Any] = {"target_modules": [names[m] for m in group.modules], **group.settings()}
+    fields = {k for e in group.modules.values() for k in e.values}
+    for f in sorted(fields):
+        counts = Counter(e.values[f] for e in group.modules.values())
+        default = counts.most_common(1)[0][0]
+        kwargs[f] = default
+        pattern = {names[m]: e.values[f] for m, e in group.modules.items() if e.values[f] != default}
+        if pattern:
+            kwargs.setdefault(PATTERNS[f], {}).update(pattern)
+    if "oft_size" in kwargs:  # OFT: one (r, oft_block_size) pair that peft adjusts to each module's blocks
+        kwargs["r"], kwargs["oft_block_size"] = kwargs.pop("oft_size")
+    return kwargs
+
+
+def make_config(group: Group, names: dict[str, str] | None = None):
+    """The peft config object for ``group`` (inference defaults: no dropout, no bias)."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return PEFT_TYPE_TO_CONFIG_MAPPING[group.peft_type](**config_dict(group, names))
+
+
+def config_json(config) -> dict[str, Any]:
+    """A peft config as adapter_config.json holds it (what ``save_pretrained`` writes)."""
+    data = config.to_dict()
+    for k, v in list(data.items()):
+        if isinstance(v, set):
+            data[k] = sorted(v)
+        elif hasattr(v, "value"):  # enums
+            data[k] = v.value
+    return data
+
+
+# -- layers ----------------------------------------------------------------------------------------
 
 
 def tuner_layer_cls():
@@ -116,6 +211,27 @@ def _fit(sd: dict, expected: dict, group: Group, names: list[str], alias: dict[s
             sd[key] = t.reshape(shape)
 
 
+# -- what strength rules keep per site ---------------------------------------------------------------
+
+
+@dataclass
+class OftSkew:
+    """A PEFT OFT adapter's skew vectors: as loaded, and the (COFT-projected) ones strength scales."""
+
+    vec0: torch.Tensor
+    vec: torch.Tensor
+    coft: bool
+
+
+@dataclass
+class DoraFold:
+    """A DoRA adapter's loaded lora_B and magnitude, which strength rewrites (see :func:`_dora_strength`)."""
+
+    params: Any  # the method params (float32), for ΔW
+    lora_B: torch.Tensor
+    magnitude: torch.Tensor
+
+
 # -- state after building ----------------------------------------------------------------------------
 
 # strength of each diffadapt-managed adapter on each layer; other adapters on the layer are left as they are
@@ -187,14 +303,14 @@ def set_strength(site, s: float) -> None:
         return
     if s == 0.0:
         return  # inactive: the layer skips it (see activate)
-    if site.peft_type == "OFT":
-        if site.extra.get("coft") and abs(s) > 1:
+    if site.oft is not None:
+        if site.oft.coft and abs(s) > 1:
             raise UnsupportedError(f"{site.where}: COFT re-projects |Q| at every forward, so weight {s} "
                                    "(|w| > 1) cannot be held by peft's layer; use mode='patch'")
-        layer.oft_R[n].weight.copy_(site.extra["vec0"] if s == 1.0 else site.extra["vec"] * s)
+        layer.oft_R[n].weight.copy_(site.oft.vec0 if s == 1.0 else site.oft.vec * s)
     elif site.peft_type == "WAVEFT":
         layer.waveft_scaling[n] = site.base_scaling * s
-    elif site.extra.get("dora"):
+    elif site.dora is not None:
         if s == 1.0:
             restore_originals(site)
         else:
@@ -211,10 +327,10 @@ def _dora_strength(site, s: float) -> None:
     is read now: a later patch-mode change to the same module's weight needs the weight set again.
     """
     layer, n = site.layer, site.peft_name
-    b0, m0 = site.extra["lora_B"], site.extra["magnitude"]
+    b0, m0 = site.dora.lora_B, site.dora.magnitude
     w = layer.get_base_layer().weight.float()
     shape = w.shape
-    delta = site.extra["params"].delta(shape).to(w.device)
+    delta = site.dora.params.delta(shape).to(w.device)
     rows = (shape[0],) + (1,) * (w.dim() - 1)
     g1 = m0.float().reshape(-1) / (w + delta).flatten(1).norm(dim=1)
     g = 1 - s + s * g1
@@ -232,9 +348,9 @@ def _dora_strength(site, s: float) -> None:
 def restore_originals(site) -> None:
     """Put back the tensors strength rules rewrite (OFT skew, DoRA lora_B and magnitude)."""
     layer, n = site.layer, site.peft_name
-    if site.peft_type == "OFT":
-        layer.oft_R[n].weight.copy_(site.extra["vec0"])
-    elif site.extra.get("dora"):
-        layer.lora_B[n].weight.copy_(site.extra["lora_B"].reshape(layer.lora_B[n].weight.shape))
+    if site.oft is not None:
+        layer.oft_R[n].weight.copy_(site.oft.vec0)
+    elif site.dora is not None:
+        layer.lora_B[n].weight.copy_(site.dora.lora_B.reshape(layer.lora_B[n].weight.shape))
         mag = layer.lora_magnitude_vector[n].weight
-        mag.copy_(site.extra["magnitude"].reshape(mag.shape))
+        mag.copy_(site.dora.magnitude.reshape(mag.shape))
