@@ -1,6 +1,6 @@
 """diffadapt: load, mix and hot-swap any diffusion adapter in diffusers pipelines."""
 
-from .api import adapters, inspect, load, unload
+from .api import adapters, get_weights, inspect, load, unload
 from .conversion import convert, save
 from .fusing import fuse, unfuse
 from .hotswap import hotswap, prepare_hotswap, using
@@ -21,15 +21,16 @@ from .errors import (
     SourceError,
     UnsupportedError,
     WeightError,
+    WriteError,
 )
 from .spec import AdapterInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "enable", "disable", "merge",
+    "load", "unload", "adapters", "inspect", "AdapterInfo", "set_weights", "get_weights", "enable", "disable", "merge",
     "save", "convert", "fuse", "unfuse", "hotswap", "prepare_hotswap", "using", "plugin", "unplug",
     "DiffAdaptError", "SourceError", "FormatError", "PickleRefusedError", "KeyMappingError", "ShapeError",
     "NonFiniteError", "UnsupportedError", "AdapterNotFoundError", "NameInUseError", "WeightError", "PromptError",
-    "ComponentError",
+    "ComponentError", "WriteError",
 ]

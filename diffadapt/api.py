@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
-from . import backends, io
-import warnings
+from torch import nn
 
+from . import backends, io
 from .errors import AdapterNotFoundError, NameInUseError
 from .info import summarize
 from .keys import build_spec
 from .mixing import adapter_names, component_counts
-from .pipeline import Loaded, registry, resolve
+from .pipeline import Loaded, registry, resolve, tensor_bound
 from .spec import AdapterInfo, AdapterSpec
+from .transaction import writing
 from .weights import validate as validate_weight
 
 
-def read_spec(source: Any, *, allow_pickle: bool = False) -> AdapterSpec:
-    """Read and parse a source into the canonical spec (no model needed)."""
+def read_spec(source: Any, *, allow_pickle: bool = False, target: Any = None) -> AdapterSpec:
+    """Read and parse a source into the canonical spec (no model needed). With ``target``, tensors larger
+    than any of its layers could use are refused from the file's header, before the data is read."""
     if isinstance(source, AdapterSpec):
         return source
-    return build_spec(io.read(source, allow_pickle=allow_pickle))
+    # a bare module may be given a whole pipeline's file (components that do not fit are skipped): no bound
+    bound = None if target is None or isinstance(target, nn.Module) else tensor_bound(target)
+    return build_spec(io.read(source, allow_pickle=allow_pickle, max_numel=bound))
 
 
 def inspect(source: Any, *, allow_pickle: bool = False) -> AdapterInfo:
@@ -57,25 +62,30 @@ def load(
     """Load an adapter into a pipeline or module; returns its summary. A failed load changes nothing."""
     backend = backends.get(mode)
     reg = registry(target)
+    with reg.lock:  # an early answer, before reading a file; checked again when writing
+        if name is not None and name in reg.adapters:
+            raise NameInUseError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
+    weight = validate_weight(weight, where="weight", counts=component_counts(target))
+    spec = read_spec(source, allow_pickle=allow_pickle, target=target)  # file and hub I/O: outside the lock
     with reg.lock:
         if name is not None and name in reg.adapters:
             raise NameInUseError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
-        weight = validate_weight(weight, where="weight", counts=component_counts(target))
-        spec = read_spec(source, allow_pickle=allow_pickle)
         targets = resolve(target, spec, strict=strict)
         name = name or _default_name(source, reg.adapters)
         info = summarize(spec, name=name)
-        loaded = Loaded(name=name, spec=spec, info=info, targets=targets, mode=mode, weight=weight)
-        backend.apply(loaded)
-        reg.adapters[name] = loaded
         info.weight, info.mode = weight, mode
+        loaded = Loaded(name=name, spec=spec, info=info, targets=targets, mode=backend.NAME, weight=weight)
+        with writing(reg) as tx:
+            tx.apply(loaded)
+            reg.adapters[name] = loaded
         return info
 
 
 def unload(target: Any, *names: str, name: str | None = None) -> None:
     """Remove the named adapters (all when none is named); base weights come back bit-exactly.
 
-    Names are checked before anything is removed. ``name=`` is the old keyword, still accepted.
+    Names are checked before anything is removed, and a failed unload changes nothing. ``name=`` is the old
+    keyword, still accepted.
     """
     if name is not None:
         warnings.warn("unload(target, name=...) is deprecated; pass names positionally: unload(target, *names)",
@@ -87,18 +97,25 @@ def unload(target: Any, *names: str, name: str | None = None) -> None:
         missing = [n for n in wanted if n not in reg.adapters]
         if missing:
             raise AdapterNotFoundError(f"no adapter named {missing} is loaded (loaded: {sorted(reg.adapters)})")
-        for n in wanted:
-            loaded = reg.adapters[n]
-            backends.get(loaded.mode).remove(loaded)
-            del reg.adapters[n]
+        wanted = [n for n in reg.adapters if n in set(wanted)]  # load order
+        with writing(reg) as tx:
+            for n in reversed(wanted):  # newest first: each removal sees the stack it was loaded onto
+                tx.remove(reg.adapters[n])
+            for n in wanted:
+                del reg.adapters[n]
 
 
 def adapters(target: Any) -> dict[str, AdapterInfo]:
     """Loaded adapters by name, each with its current weight and mode."""
     reg = registry(target)
     out = {}
-    for n, loaded in reg.adapters.items():
-        loaded.info.weight, loaded.info.enabled, loaded.info.mode = loaded.weight, loaded.enabled, loaded.mode
-        out[n] = loaded.info
+    with reg.lock:
+        for n, loaded in reg.adapters.items():
+            loaded.info.weight, loaded.info.enabled, loaded.info.mode = loaded.weight, loaded.enabled, loaded.mode
+            out[n] = loaded.info
     return out
 
+
+def get_weights(target: Any) -> dict[str, Any]:
+    """{name: weight} — shorthand for ``{n: info.weight for n, info in adapters(target).items()}``."""
+    return {n: info.weight for n, info in adapters(target).items()}

@@ -5,12 +5,80 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from . import api, conversion
+from . import api, conversion, io
 from .errors import DiffAdaptError, SourceError
+from .models import SAMPLERS as _SAMPLERS
+from .models import load_model as _load_model
+
+
+# --------------------------------------------------------------------------- option types
+
+
+def _int_at_least(low: int, *, multiple: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        if value % multiple:
+            raise argparse.ArgumentTypeError(f"{value} is not a multiple of {multiple}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not finite")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]: the fraction of values kept")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (exit 2), like every other user error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _check_writable(path: Path, force: bool) -> None:
+    if (path.exists() or path.is_symlink()) and not force:
+        raise DiffAdaptError(f"{path}: already exists; pass --force to replace it")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DiffAdaptError(f"--device {name}: not a device (cpu, cuda, cuda:1, mps, …)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DiffAdaptError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DiffAdaptError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DiffAdaptError(f"--device {name}: MPS is not available on this machine")
+    return name
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -33,14 +101,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- generate
 
-TINY_MODEL = "diffadapt-tiny-sd1"
-_SAMPLERS = {  # diffusers scheduler class -> A1111 sampler name, for the infotext
-    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a", "DDIMScheduler": "DDIM",
-    "DPMSolverMultistepScheduler": "DPM++ 2M", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
-    "HeunDiscreteScheduler": "Heun", "UniPCMultistepScheduler": "UniPC", "FlowMatchEulerDiscreteScheduler": "Euler",
-}
-
-
 def _adapter_arg(spec: str) -> tuple[Path, float, float]:
     """``FILE``, ``FILE:W`` or ``FILE:TE:UNET`` as A1111 tags; multipliers come off the right, so paths may hold ':'."""
     parts, nums = spec.split(":"), []
@@ -61,45 +121,14 @@ def _adapter_name(path: Path) -> str:
     return path.stem if path.is_file() else path.name
 
 
-def _load_model(model: str | None, device: str):
-    """(pipeline, model name, model hash) — the embedded tiny SD1 pipeline when no model is given."""
-    import torch
-
-    if model is None:
-        from .testing import tiny_sd1_pipeline
-
-        return tiny_sd1_pipeline(device=device), TINY_MODEL, None
-    import diffusers
-
-    kw = {"torch_dtype": torch.float16} if device.startswith("cuda") else {}
-    try:
-        if model.lower().endswith((".safetensors", ".ckpt")):
-            from safetensors import safe_open
-
-            from .infotext import adapter_hash
-
-            sdxl = False
-            if model.lower().endswith(".safetensors"):
-                with safe_open(model, "pt") as f:
-                    sdxl = any(k.startswith("conditioner.embedders.1.") for k in f.keys())
-            cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-            pipe = cls.from_single_file(model, **kw)
-            name, digest = Path(model).stem, adapter_hash(model, full_file=True, length=10)
-        else:  # local folder or hub id; HF_HUB_OFFLINE=1 keeps it to the cache
-            pipe = diffusers.DiffusionPipeline.from_pretrained(model, **kw)
-            name, digest = Path(model).name if Path(model).exists() else model, None
-    except (OSError, ValueError) as e:
-        raise SourceError(f"cannot load model '{model}': {e}") from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device), name, digest
-
-
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from . import infotext
     from .prompt import StackEntry, parse
 
+    out = Path(args.out)
+    _check_writable(out, args.force)  # before any work
     parsed = parse(args.prompt)
     for other in parsed.other:
         print(f"diffadapt: warning: ignoring {other.text} (only <lora:…>, <lyco:…> are loaded)", file=sys.stderr)
@@ -125,7 +154,7 @@ def _generate(args: argparse.Namespace) -> int:
     for name, entry in given.items():
         plan.setdefault(name, entry)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     pipe, model_name, model_hash = _load_model(args.model, device)
     refs = []
     for name, (path, weight) in plan.items():
@@ -149,7 +178,9 @@ def _generate(args: argparse.Namespace) -> int:
         schedule_type="Karras" if pipe.scheduler.config.get("use_karras_sigmas") else None, cfg_scale=args.cfg,
         seed=args.seed, width=width, height=height, model=model_name, model_hash=model_hash, adapters=refs,
     )
-    print(infotext.save_png(image, args.out, text))
+    with io.staged(out) as tmp:  # never a half-written PNG at --out
+        infotext.save_png(image, tmp, text)
+    print(out)
     return 0
 
 
@@ -182,6 +213,8 @@ def _merge(args: argparse.Namespace) -> int:
     model = args.model
     if model is not None and model not in ("sd1", "sdxl"):
         model = _load_model(model, "cpu")[0]
+    if args.rank is not None and args.method in ("cat", "linear"):
+        raise DiffAdaptError(f"--rank applies to svd, ties and dare, not {args.method}")
     paths, error = merge_files(sources, args.out, method=args.method, rank=args.rank, density=args.density,
                                seed=args.seed, to=args.to, dtype=args.dtype, model=model, overwrite=args.force)
     for path in paths:
@@ -193,21 +226,15 @@ def _merge(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- studio
 
 
-def _studio(argv: list[str]) -> int:
-    """Run ``ui/studio.py`` of the source checkout; the Gradio app is not part of the installed package."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "ui" / "studio.py").is_file():
-        raise SourceError(f"the studio is run from a source checkout (no ui/studio.py under {root})")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from ui.studio import main as studio_main
+def _studio(args: argparse.Namespace) -> int:
+    from .studio.launch import run
 
-    return studio_main(argv)
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffadapt", description="Load, inspect and convert diffusion adapters.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="diffadapt", description="Load, inspect and convert diffusion adapters.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("inspect", help="summarise adapter files, folders or hub ids")
     p.add_argument("sources", nargs="+")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -221,13 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapter file or folder with A1111 multipliers (a prompt tag of its name wins); repeatable")
     p.add_argument("--lora-dir", help="where <lora:NAME> tags not given by --adapter are found (DIR/NAME.safetensors)")
     p.add_argument("--model", help="diffusers folder, hub id or .safetensors/.ckpt file (default: tiny test model)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, help="default 4 on the tiny model, else 20")
-    p.add_argument("--cfg", type=float, default=7.0, help="guidance (CFG) scale")
-    p.add_argument("--width", type=int, help="default: the model's native size (64 on the tiny model)")
-    p.add_argument("--height", type=int)
+    p.add_argument("--seed", type=_int_at_least(0), default=0)
+    p.add_argument("--steps", type=_int_at_least(1), help="default 4 on the tiny model, else 20")
+    p.add_argument("--cfg", type=_finite_float, default=7.0, help="guidance (CFG) scale")
+    p.add_argument("--width", type=_int_at_least(8, multiple=8),
+                   help="a multiple of 8; default: the model's native size (64 on the tiny model)")
+    p.add_argument("--height", type=_int_at_least(8, multiple=8), help="a multiple of 8")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--out", default="out.png")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_generate)
     p = sub.add_parser("convert", help="convert an adapter between kohya/LyCORIS and PEFT formats")
     p.add_argument("source", help="adapter file, folder or hub id")
@@ -245,29 +274,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", metavar="FILE[:W]", help="adapter files with weights (default 1)")
     p.add_argument("--out", required=True, help="the merged file (kohya) or folder/.safetensors (peft)")
     p.add_argument("--method", default="svd", choices=["cat", "svd", "linear", "ties", "dare"])
-    p.add_argument("--rank", type=int, help="target rank for svd/ties/dare (default: the sources' ranks added up)")
-    p.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction of values kept")
-    p.add_argument("--seed", type=int, default=0, help="dare's random pruning seed")
+    p.add_argument("--rank", type=_int_at_least(1),
+                   help="target rank for svd/ties/dare (default: the sources' ranks added up)")
+    p.add_argument("--density", type=_fraction, default=0.5, help="ties/dare: fraction of values kept, in (0, 1]")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="dare's random pruning seed")
     p.add_argument("--format", "--to", dest="to", default="kohya", choices=["kohya", "peft"])
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--model", help="sd1 | sdxl | diffusers folder (default: the first file's guessed family)")
     p.add_argument("--force", action="store_true", help="replace the output if it exists")
     p.set_defaults(func=_merge)
-    sub.add_parser("studio", add_help=False,
-                   help="Gradio studio to stack adapter styles (diffadapt studio --help for its options)")
+    from .studio.launch import add_arguments as studio_arguments
+
+    p = sub.add_parser("studio", help="Gradio studio to stack adapter styles, with an HTTP API")
+    studio_arguments(p).set_defaults(func=_studio)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["studio"]:  # its own options, parsed by ui/studio.py
-            return _studio(argv[1:])
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # usage errors (2) and --help (0): a code, not an exception, for callers
+            return e.code if isinstance(e.code, int) else 2
         return args.func(args)
     except DiffAdaptError as e:
-        print(f"diffadapt: error: {e}", file=sys.stderr)
+        print(f"diffadapt: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("diffadapt: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 2000 else text[:2000] + "…"
 
 
 if __name__ == "__main__":

@@ -150,21 +150,20 @@ def _write(items: list[Item], dest: Path, *, to: str, family: str, dtype, metada
            single_file: bool | None, to_ldm=None) -> list[str]:
     if not items:
         raise DiffAdaptError(f"{where}: no modules left to write (all excluded?)")
-    try:
-        return _write_format(items, dest, to=to, family=family, dtype=dtype, metadata=metadata, where=where,
-                             single_file=single_file, to_ldm=to_ldm)
-    except OSError as e:
-        raise DiffAdaptError(f"{dest}: cannot write: {e}") from e
+    with io.staged(dest) as out:  # written beside dest, then renamed over it: never partial, nothing stale
+        paths = _write_format(items, dest, out, to=to, family=family, dtype=dtype, metadata=metadata, where=where,
+                              single_file=single_file, to_ldm=to_ldm)
+    return [str(dest / Path(p).relative_to(out)) if Path(p) != out else str(dest) for p in paths]
 
 
-def _write_format(items, dest, *, to, family, dtype, metadata, where, single_file, to_ldm) -> list[str]:
+def _write_format(items, dest, out, *, to, family, dtype, metadata, where, single_file, to_ldm) -> list[str]:
     if to == "kohya":
         sd = kohya_state_dict(items, family=family, dtype=dtype, to_ldm=to_ldm, where=where)
         meta = kohya_metadata(items, family=family, title=dest.stem, source=metadata)
-        write_safetensors(dest, sd, meta)
-        return [str(dest)]
+        write_safetensors(out, sd, meta)
+        return [str(out)]
     single = dest.suffix == ".safetensors" if single_file is None else single_file
-    return write_peft(items, dest, single_file=single, dtype=dtype, metadata=metadata, where=where)
+    return write_peft(items, out, single_file=single, dtype=dtype, metadata=metadata, where=where)
 
 
 def convert(source: Any, dest: str | os.PathLike, *, format: str | None = None, dtype: Any = None,
@@ -224,12 +223,14 @@ def save(target: Any, name: str, path: str | os.PathLike, *, format: str = "kohy
     """Write a loaded adapter (its tensors as loaded, strength 1) in kohya or PEFT format; returns the paths."""
     dest = _check_request(format, path, overwrite)
     dtype = parse_dtype(dtype)
-    loaded = registry(target).adapters.get(name)
-    if loaded is None:
-        raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(registry(target).adapters)})")
+    reg = registry(target)
+    with reg.lock:  # a consistent view of the record; the writing happens outside the lock
+        loaded = reg.adapters.get(name)
+        if loaded is None:
+            raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(reg.adapters)})")
+        items, spec = _items_from_targets(loaded.targets), loaded.spec
     bare = isinstance(target, nn.Module)
-    family = guess_family(loaded.spec) if bare else pipeline_family(target)
-    return _write(_items_from_targets(loaded.targets), dest, to=format, family=family, dtype=dtype,
-                  metadata=loaded.spec.metadata, where=f"adapter '{name}'", single_file=single_file,
-                  to_ldm=None if bare else _to_ldm(target, family))
+    family = guess_family(spec) if bare else pipeline_family(target)
+    return _write(items, dest, to=format, family=family, dtype=dtype, metadata=spec.metadata,
+                  where=f"adapter '{name}'", single_file=single_file, to_ldm=None if bare else _to_ldm(target, family))
 

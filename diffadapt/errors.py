@@ -42,6 +42,10 @@ class UnsupportedError(DiffAdaptError, NotImplementedError):
     """A valid request that this backend or method cannot honour exactly (e.g. inject-mode LyCORIS OFT)."""
 
 
+class WriteError(DiffAdaptError, OSError):
+    """A file or folder could not be written (disk full, permissions, a library error); nothing was left behind."""
+
+
 class AdapterNotFoundError(DiffAdaptError, KeyError, ValueError):
     """No adapter of that name is loaded (also a ValueError, which diffusers raises for unknown names)."""
 

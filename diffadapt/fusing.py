@@ -14,6 +14,8 @@ from typing import Any
 from . import backends
 from .errors import AdapterNotFoundError, UnsupportedError
 from .pipeline import Loaded, registry
+from .transaction import Transaction, writing
+
 
 def _select(target: Any, names: tuple[str, ...], keep) -> list[Loaded]:
     reg = registry(target)
@@ -24,25 +26,13 @@ def _select(target: Any, names: tuple[str, ...], keep) -> list[Loaded]:
     return [a for a in chosen if keep(a, bool(names))]
 
 
-def _switch(items: list[Loaded], to: str) -> None:
-    """Move each adapter to backend ``to``; on failure every moved one goes back."""
-    moved: list[tuple[Loaded, str]] = []
-    try:
-        for loaded in reversed(items):  # take off the outermost (last loaded) first
-            backends.get(loaded.mode).remove(loaded)
-            moved.append((loaded, loaded.mode))
-            loaded.mode = None
-        for loaded in items:
-            backends.get(to).apply(loaded)
-            loaded.mode = to
-    except BaseException:
-        for loaded, _ in moved:  # newest first: undo the applies that went through
-            if loaded.mode == to:
-                backends.get(to).remove(loaded)
-        for loaded, mode in reversed(moved):  # then back in load order
-            backends.get(mode).apply(loaded)
-            loaded.mode = mode
-        raise
+def _switch(tx: Transaction, items: list[Loaded], to: str) -> None:
+    """Move each adapter to backend ``to``; the transaction undoes every move if one fails."""
+    for loaded in reversed(items):  # take off the outermost (last loaded) first
+        tx.remove(loaded)
+    for loaded in items:
+        loaded.mode = to
+        tx.apply(loaded)
 
 
 def fuse(target: Any, *names: str) -> list[str]:
@@ -50,9 +40,10 @@ def fuse(target: Any, *names: str) -> list[str]:
     reg = registry(target)
     with reg.lock:
         items = _select(target, names, lambda a, named: a.mode == "inject")
-        _switch(items, "patch")
-        for a in items:
-            a.fused = True
+        with writing(reg) as tx:
+            _switch(tx, items, "patch")
+            for a in items:
+                a.fused = True
         return [a.name for a in items]
 
 
@@ -61,9 +52,10 @@ def unfuse(target: Any, *names: str) -> list[str]:
     reg = registry(target)
     with reg.lock:
         items = _select(target, names, lambda a, named: a.mode == "patch" and (named or a.fused))
-        _switch(items, "inject")
-        for a in items:
-            a.fused = False
+        with writing(reg) as tx:
+            _switch(tx, items, "inject")
+            for a in items:
+                a.fused = False
         return [a.name for a in items]
 
 

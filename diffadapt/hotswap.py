@@ -18,13 +18,14 @@ from typing import Any, Iterator
 import torch
 
 from . import backends
-from .api import load, read_spec, unload
+from .api import read_spec
 from .fusing import prepare_hotswap  # noqa: F401  (inject mode: pad before compiling)
 from .errors import AdapterNotFoundError, UnsupportedError
 from .info import summarize
-from .mixing import refresh, component_counts
+from .mixing import component_counts
 from .pipeline import Loaded, Target, registry, resolve
 from .spec import AdapterInfo, AdapterSpec
+from .transaction import Transaction, writing
 from .weights import validate as validate_weight
 
 
@@ -38,13 +39,17 @@ def _swapper(loaded: Loaded):
     return swap
 
 
-def _swap(loaded: Loaded, spec: AdapterSpec, targets: list[Target]) -> AdapterInfo:
-    """Hand the resolved targets to the backend, then make the record describe the new file."""
-    _swapper(loaded)(loaded, targets)
+def _summary(loaded: Loaded, spec: AdapterSpec) -> AdapterInfo:
+    """The record's summary for a new file — built before any write (hostile metadata fails here)."""
     info = summarize(spec, name=loaded.name)
     info.weight, info.enabled, info.mode = loaded.weight, loaded.enabled, loaded.mode
-    loaded.spec, loaded.targets, loaded.info = spec, targets, info
     return info
+
+
+def _swap(tx: Transaction, loaded: Loaded, spec: AdapterSpec, targets: list[Target], info: AdapterInfo) -> None:
+    """Hand the resolved targets to the backend, then make the record describe the new file."""
+    tx.hotswap(loaded, targets)
+    loaded.spec, loaded.targets, loaded.info = spec, targets, info
 
 
 def _loaded(target: Any, name: str) -> Loaded:
@@ -57,10 +62,11 @@ def _loaded(target: Any, name: str) -> Loaded:
 def hotswap(target: Any, source: Any, name: str, *, allow_pickle: bool = False, strict: bool = True) -> AdapterInfo:
     """Replace the weights of loaded adapter ``name`` with those of ``source``; its weight and state stay.
 
-    Arguments in ``load``'s order. The new file is read, mapped and checked before anything is written, so a
-    failed hotswap changes nothing. It may use another method, rank or alpha, and target other modules
-    (text encoders included). The old order ``hotswap(target, name, source)`` is still understood (with a
-    DeprecationWarning) when ``source`` names a loaded adapter and ``name`` does not.
+    Arguments in ``load``'s order. The new file is read, mapped, checked and summarised before anything is
+    written, and a failure while writing is rolled back, so a failed hotswap changes nothing. It may use another
+    method, rank or alpha, and target other modules (text encoders included). The old order
+    ``hotswap(target, name, source)`` is still understood (with a DeprecationWarning) when ``source`` names a
+    loaded adapter and ``name`` does not.
     """
     reg = registry(target)
     if isinstance(source, str) and source in reg.adapters and not (isinstance(name, str) and name in reg.adapters):
@@ -68,10 +74,16 @@ def hotswap(target: Any, source: Any, name: str, *, allow_pickle: bool = False, 
                       DeprecationWarning, stacklevel=2)
         source, name = name, source
     with reg.lock:
+        _swapper(_loaded(target, name))  # answer early, before reading a file
+    spec = read_spec(source, allow_pickle=allow_pickle, target=target)  # file and hub I/O: outside the lock
+    with reg.lock:
         loaded = _loaded(target, name)
         _swapper(loaded)
-        spec = read_spec(source, allow_pickle=allow_pickle)
-        return _swap(loaded, spec, resolve(target, spec, strict=strict))
+        targets = resolve(target, spec, strict=strict)
+        info = _summary(loaded, spec)
+        with writing(reg) as tx:
+            _swap(tx, loaded, spec, targets, info)
+        return info
 
 
 # -- per-request stacks --------------------------------------------------------------------------------
@@ -97,26 +109,38 @@ def _split(value: Any) -> tuple[Any, Any]:
 @dataclass
 class _Undo:
     state: dict[str, tuple[Any, bool]] = field(default_factory=dict)  # name -> (weight, enabled) before
-    swapped: list[tuple[Loaded, AdapterSpec, list[Target]]] = field(default_factory=list)
+    swapped: list[tuple[Loaded, AdapterSpec, list[Target], AdapterInfo]] = field(default_factory=list)
     temporary: list[str] = field(default_factory=list)
 
 
-def _apply(target: Any, stack: dict[str, Any], undo: _Undo, *, exclusive: bool, allow_pickle: bool) -> None:
+def _read(target: Any, stack: dict[str, Any], *, allow_pickle: bool) -> dict[str, tuple[Any, Any]]:
+    """(spec or None, weight or None) per stack item; every file is read here, before taking the lock."""
+    plan = {}
+    for name, value in stack.items():
+        source, weight = _split(value)
+        plan[name] = (None if source is None else read_spec(source, allow_pickle=allow_pickle, target=target), weight)
+    return plan
+
+
+def _apply(target: Any, items: dict[str, tuple[Any, Any]], undo: _Undo, *, exclusive: bool) -> None:
     reg = registry(target)
     counts = component_counts(target)
     plan: dict[str, tuple[Any, Any]] = {}
-    for name, value in stack.items():  # validate the whole request first
-        source, weight = _split(value)
+    for name, (spec, weight) in items.items():  # validate, map and summarise the whole request first
         if weight is not None:
             weight = validate_weight(weight, where=f"weight of '{name}'", counts=counts)
-        if source is None and name not in reg.adapters:
+        loaded = reg.adapters.get(name)
+        if spec is None and loaded is None:
             raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(reg.adapters)})")
-        if source is not None:
-            if name in reg.adapters:
-                _swapper(reg.adapters[name])
-            spec = read_spec(source, allow_pickle=allow_pickle)
-            source = (spec, resolve(target, spec))
-        plan[name] = (source, weight)
+        if spec is not None:
+            if loaded is not None:
+                _swapper(loaded)
+                spec = (spec, resolve(target, spec), _summary(loaded, spec))
+            else:
+                info = summarize(spec, name=name)
+                info.weight, info.mode = 1.0 if weight is None else weight, "patch"
+                spec = (spec, resolve(target, spec), info)
+        plan[name] = (spec, weight)
 
     wanted = {}
     for name, loaded in reg.adapters.items():
@@ -125,46 +149,52 @@ def _apply(target: Any, stack: dict[str, Any], undo: _Undo, *, exclusive: bool, 
             wanted[name] = (loaded.weight if weight is None else weight, True)
         elif exclusive:
             wanted[name] = (loaded.weight, False)
-    changed = []
-    for name, (weight, enabled) in wanted.items():
-        loaded = reg.adapters[name]
-        if (loaded.weight, loaded.enabled) != (weight, enabled):
-            undo.state[name] = (loaded.weight, loaded.enabled)
-            loaded.weight, loaded.enabled = weight, enabled
-            changed.append(loaded)
 
-    swapped = set()
-    for name, (source, weight) in plan.items():
-        if source is None:
-            continue
-        spec, targets = source
-        loaded = reg.adapters.get(name)
-        if loaded is None:
-            undo.temporary.append(name)
-            load(target, spec, name, weight=1.0 if weight is None else weight)
-        else:
-            old = (loaded, loaded.spec, loaded.targets)
-            _swap(loaded, spec, targets)
-            undo.swapped.append(old)
-            swapped.add(name)
-    refresh([a for a in changed if a.name not in swapped])
+    with writing(reg) as tx:
+        changed = []
+        for name, (weight, enabled) in wanted.items():
+            loaded = reg.adapters[name]
+            if (loaded.weight, loaded.enabled) != (weight, enabled):
+                undo.state[name] = (loaded.weight, loaded.enabled)
+                loaded.weight, loaded.enabled = weight, enabled
+                changed.append(loaded)
+        swapped = set()
+        for name, (source, weight) in plan.items():
+            if source is None:
+                continue
+            spec, targets, info = source
+            loaded = reg.adapters.get(name)
+            if loaded is None:
+                new = Loaded(name=name, spec=spec, info=info, targets=targets, mode="patch",
+                             weight=1.0 if weight is None else weight)
+                tx.apply(new)
+                reg.adapters[name] = new
+                undo.temporary.append(name)
+            else:
+                undo.swapped.append((loaded, loaded.spec, loaded.targets, loaded.info))
+                info.weight, info.enabled = loaded.weight, loaded.enabled
+                _swap(tx, loaded, spec, targets, info)
+                swapped.add(name)
+        tx.refresh([a for a in changed if a.name not in swapped])
 
 
 def _restore(target: Any, undo: _Undo) -> None:
     reg = registry(target)
-    for name in reversed(undo.temporary):
-        if name in reg.adapters:
-            unload(target, name)
-    live = {n: a for n, a in reg.adapters.items()}  # the block itself may have unloaded some
-    for name, (weight, enabled) in undo.state.items():
-        if name in live:
-            live[name].weight, live[name].enabled = weight, enabled
-    swapped = set()
-    for loaded, spec, targets in reversed(undo.swapped):
-        if live.get(loaded.name) is loaded:
-            _swap(loaded, spec, targets)
-            swapped.add(loaded.name)
-    refresh([live[n] for n in undo.state if n in live and n not in swapped])
+    with writing(reg) as tx:
+        for name in reversed(undo.temporary):
+            if name in reg.adapters:
+                tx.remove(reg.adapters[name])
+                del reg.adapters[name]
+        live = dict(reg.adapters)  # the block itself may have unloaded some
+        for name, (weight, enabled) in undo.state.items():
+            if name in live:
+                live[name].weight, live[name].enabled = weight, enabled
+        swapped = set()
+        for loaded, spec, targets, info in reversed(undo.swapped):
+            if live.get(loaded.name) is loaded:
+                _swap(tx, loaded, spec, targets, info)
+                swapped.add(loaded.name)
+        tx.refresh([live[n] for n in undo.state if n in live and n not in swapped])
 
 
 @contextlib.contextmanager
@@ -185,13 +215,14 @@ def using(
     ``load``, ``unload``, ``hotswap`` and ``set_weights`` on the same pipeline wait for the block; the same
     thread may nest blocks. ``timeout`` (seconds) raises TimeoutError instead of waiting longer.
     """
+    items = _read(target, stack, allow_pickle=allow_pickle)  # file and hub I/O: before taking the lock
     lock = registry(target).lock
     if not lock.acquire(timeout=-1 if timeout is None else timeout):
         raise TimeoutError(f"the adapters of this pipeline stayed busy for {timeout} s")
     try:
         undo = _Undo()
+        _apply(target, items, undo, exclusive=exclusive)  # all or nothing: a failure here changes nothing
         try:
-            _apply(target, stack, undo, exclusive=exclusive, allow_pickle=allow_pickle)
             yield
         finally:
             _restore(target, undo)

@@ -45,7 +45,7 @@ def trigger_words(metadata: dict[str, str], *, limit: int = 8) -> list[str]:
     if raw:
         try:
             data = json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # malformed, 5000-digit numbers, nested 100k deep: no tags
             data = {}
         counts: Counter[str] = Counter()
         for tags in data.values() if isinstance(data, dict) else ():

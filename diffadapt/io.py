@@ -7,17 +7,21 @@ Everything here is about bytes on disk; key names are interpreted in ``keys``. P
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
+import shutil
+import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import FormatError, PickleRefusedError, SourceError
+from .errors import DiffAdaptError, FormatError, PickleRefusedError, ShapeError, SourceError, WriteError
 from .spec import RawAdapter
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -30,8 +34,15 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(/.+)?$")
 Source = "str | os.PathLike | Mapping[str, torch.Tensor]"
 
 
-def read(source: Any, *, allow_pickle: bool = False) -> RawAdapter:
-    """Read any supported source into tensors, metadata and PEFT configs."""
+MAX_TENSORS = 50_000  # ~3× the largest adapters shared (full-layer SDXL LyCORIS with text encoders)
+
+
+def read(source: Any, *, allow_pickle: bool = False, max_numel: int | None = None) -> RawAdapter:
+    """Read any supported source into tensors, metadata and PEFT configs.
+
+    ``max_numel``: refuse, from the file's header and before reading it, any tensor with more elements than
+    that (``load`` passes a bound from the model's largest layer).
+    """
     if isinstance(source, RawAdapter):
         return source
     if isinstance(source, Mapping):
@@ -39,43 +50,72 @@ def read(source: Any, *, allow_pickle: bool = False) -> RawAdapter:
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise FormatError(f"<state dict>: values of {bad[:3]} are not tensors")
+        _check_header("<state dict>", {k: tuple(v.shape) for k, v in tensors.items()}, max_numel)
         return RawAdapter(tensors=tensors)
     if not isinstance(source, (str, os.PathLike)):
         raise SourceError(f"cannot read an adapter from a {type(source).__name__}")
     path = Path(source).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise SourceError(f"{path}: a broken or looping symbolic link")
     if path.is_file():
-        return read_file(path, allow_pickle=allow_pickle)
+        return read_file(path, allow_pickle=allow_pickle, max_numel=max_numel)
     if path.is_dir():
-        return read_dir(path, allow_pickle=allow_pickle)
+        return read_dir(path, allow_pickle=allow_pickle, max_numel=max_numel)
     if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
-        return read_dir_or_file(_from_hub(str(source), allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+        return read_dir_or_file(_from_hub(str(source), allow_pickle=allow_pickle), allow_pickle=allow_pickle,
+                                max_numel=max_numel)
     raise SourceError(f"{source}: no such file or directory")
 
 
-def read_dir_or_file(path: Path, *, allow_pickle: bool) -> RawAdapter:
-    return read_file(path, allow_pickle=allow_pickle) if path.is_file() else read_dir(path, allow_pickle=allow_pickle)
+def read_dir_or_file(path: Path, *, allow_pickle: bool, max_numel: int | None = None) -> RawAdapter:
+    if path.is_file():
+        return read_file(path, allow_pickle=allow_pickle, max_numel=max_numel)
+    return read_dir(path, allow_pickle=allow_pickle, max_numel=max_numel)
+
+
+def _check_header(where: str, shapes: dict[str, tuple[int, ...]], max_numel: int | None) -> None:
+    """Counts and sizes, from names and shapes alone: a hostile file is refused before its data is read."""
+    if len(shapes) > MAX_TENSORS:
+        raise FormatError(f"{where}: {len(shapes)} tensors; an adapter has at most {MAX_TENSORS:,} "
+                          "(is this a model checkpoint rather than an adapter?)")
+    if max_numel is None:
+        return
+    for key, shape in shapes.items():
+        if math.prod(shape) > max_numel:
+            raise ShapeError(f"{where}: tensor '{key}' of shape {tuple(shape)} is larger than any layer of the "
+                             f"model could use ({max_numel:,} values at most)")
 
 
 # -- files -------------------------------------------------------------------------------------------
 
 
-def read_file(path: Path, *, allow_pickle: bool = False) -> RawAdapter:
-    size = path.stat().st_size
+def read_file(path: Path, *, allow_pickle: bool = False, max_numel: int | None = None) -> RawAdapter:
+    try:
+        size = path.stat().st_size
+    except OSError as e:  # a looping link, a permission, a file gone since it was listed
+        raise SourceError(f"{path}: cannot open: {e.strerror or e}") from e
     if size == 0:
         raise FormatError(f"{path}: the file is empty")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         tensors = _read_pickle(path, allow_pickle=allow_pickle)
+        _check_header(str(path), {k: tuple(v.shape) for k, v in tensors.items()}, max_numel)
         return RawAdapter(tensors=tensors, source=str(path), files=(str(path),))
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_safetensors(path, max_numel=max_numel)
     return RawAdapter(tensors=tensors, metadata=metadata, source=str(path), files=(str(path),))
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: Path, *, max_numel: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            keys = list(f.keys())
+            if len(keys) > MAX_TENSORS:
+                _check_header(str(path), dict.fromkeys(keys, ()), None)
+            _check_header(str(path), {k: tuple(f.get_slice(k).get_shape()) for k in keys}, max_numel)
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        if isinstance(e, DiffAdaptError):
+            raise
         hint = " (truncated or not a safetensors file?)"
         raise FormatError(f"{path}: cannot read safetensors: {e}{hint}") from e
     if not tensors:
@@ -106,8 +146,8 @@ def _read_pickle(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: malformed JSON: {e}") from e
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, huge integers
+        raise FormatError(f"{path}: malformed JSON: {type(e).__name__}: {str(e)[:200]}") from e
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
@@ -116,13 +156,13 @@ def read_json(path: Path) -> dict[str, Any]:
 # -- folders -----------------------------------------------------------------------------------------
 
 
-def read_dir(path: Path, *, allow_pickle: bool = False) -> RawAdapter:
+def read_dir(path: Path, *, allow_pickle: bool = False, max_numel: int | None = None) -> RawAdapter:
     """PEFT folder, PEFT DreamBooth layout (component sub-folders), or a folder with one weights file."""
     if (path / PEFT_CONFIG).is_file():
-        return _read_peft_dir(path, component="", allow_pickle=allow_pickle)
+        return _read_peft_dir(path, component="", allow_pickle=allow_pickle, max_numel=max_numel)
     subs = [c for c in COMPONENT_DIRS if (path / c / PEFT_CONFIG).is_file()]
     if subs:
-        parts = [_read_peft_dir(path / c, component=c, allow_pickle=allow_pickle) for c in subs]
+        parts = [_read_peft_dir(path / c, component=c, allow_pickle=allow_pickle, max_numel=max_numel) for c in subs]
         raw = RawAdapter(tensors={}, source=str(path))
         for part in parts:
             raw.tensors.update(part.tensors)
@@ -132,21 +172,24 @@ def read_dir(path: Path, *, allow_pickle: bool = False) -> RawAdapter:
         return raw
     for name in DIFFUSERS_WEIGHTS:
         if (path / name).is_file():
-            return read_file(path / name, allow_pickle=allow_pickle)
-    files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+            return read_file(path / name, allow_pickle=allow_pickle, max_numel=max_numel)
+    try:
+        files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+    except OSError as e:
+        raise SourceError(f"{path}: cannot list the folder: {e.strerror or e}") from e
     if len(files) == 1:
-        return read_file(files[0], allow_pickle=allow_pickle)
+        return read_file(files[0], allow_pickle=allow_pickle, max_numel=max_numel)
     if not files:
         raise SourceError(f"{path}: no adapter found (no {PEFT_CONFIG}, no .safetensors file)")
     raise SourceError(f"{path}: several .safetensors files ({', '.join(f.name for f in files)}); name one")
 
 
-def _read_peft_dir(path: Path, *, component: str, allow_pickle: bool) -> RawAdapter:
+def _read_peft_dir(path: Path, *, component: str, allow_pickle: bool, max_numel: int | None = None) -> RawAdapter:
     config = read_json(path / PEFT_CONFIG)
     weights = next((path / n for n in PEFT_WEIGHTS if (path / n).is_file()), None)
     if weights is None:
         raise SourceError(f"{path}: {PEFT_CONFIG} found but no {PEFT_WEIGHTS[0]}")
-    raw = read_file(weights, allow_pickle=allow_pickle)
+    raw = read_file(weights, allow_pickle=allow_pickle, max_numel=max_numel)
     prefix = f"{component}." if component else ""
     # keys are 'base_model.model.<module>.<suffix>'; keep them and mark the component by prefix
     raw.tensors = {f"{prefix}{k}": v for k, v in raw.tensors.items()}
@@ -186,9 +229,52 @@ def _from_hub(source: str, *, allow_pickle: bool) -> Path:
 # -- writing -----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def staged(dest: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of ``dest`` to write into; on success it replaces ``dest`` whole (a file, or a folder
+    with nothing stale left from an older one), on failure it is deleted and ``dest`` is untouched.
+    OS and safetensors errors become :class:`WriteError` naming ``dest``."""
+    dest = Path(dest)
+    tmp = dest.parent / f".{dest.stem}.{uuid.uuid4().hex[:8]}.tmp{dest.suffix}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        _swap_in(tmp, dest)
+    except BaseException as e:
+        _discard(tmp)
+        cause = e.__cause__ if isinstance(e, WriteError) and e.__cause__ is not None else e
+        if isinstance(cause, (OSError, SafetensorError)) and not isinstance(cause, DiffAdaptError):
+            raise WriteError(f"{dest}: cannot write: {type(cause).__name__}: {cause}") from cause
+        raise
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    if not tmp.is_dir() and not dest.is_dir():
+        os.replace(tmp, dest)  # atomic on one file system
+        return
+    old = dest.parent / f".{dest.name}.{uuid.uuid4().hex[:8]}.old"
+    if dest.exists() or dest.is_symlink():
+        os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old.exists() or old.is_symlink():
+            os.replace(old, dest)
+        raise
+    _discard(old)
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write contiguous CPU tensors with string metadata (safetensors allows only str → str)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write contiguous CPU tensors with string metadata (safetensors allows only str → str), atomically."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(clean, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    meta = {k: str(v) for k, v in metadata.items()}
+    with staged(path) as tmp:
+        save_file(clean, str(tmp), metadata=meta)

@@ -70,8 +70,8 @@ def _stack_delta(sources: list[Source]) -> torch.Tensor:
         raise UnsupportedError(f"merging {', '.join(kinds)} (OFT / DoRA) needs the base model's weights; "
                                "pass a real model")
     if any(t.params.bias_delta() is not None for t in terms):
-        raise UnsupportedError("a full/diff adapter with a bias delta ('diff_b') cannot be merged into a LoRA, "
-                               "which has no bias; merge without it")
+        raise UnsupportedError("an adapter with a bias delta ('diff_b') cannot be merged into a LoRA, which has "
+                               "no bias; merge without it")
     return composed_delta(sources[0].base, sources[0].base.shape, terms)
 
 
@@ -245,8 +245,10 @@ def merge(
     records the method, sources, rank and the relative error against the stack the sources made
     (compose(W0, sources in load order at these weights)).
     """
-    from . import api, mixing
-    from .pipeline import registry
+    from . import mixing
+    from .info import summarize
+    from .pipeline import Loaded, registry, resolve
+    from .transaction import writing
     from .weights import validate
 
     reg = registry(target)
@@ -268,14 +270,19 @@ def merge(
             **result.metadata(),
         }
         spec = to_spec(result.params, source=f"merge({', '.join(weights)})", metadata=metadata)
-        if disable_sources:
-            mixing.disable(target, *weights)
-        try:
-            return api.load(target, spec, name)
-        except BaseException:
+        targets = resolve(target, spec)
+        info = summarize(spec, name=name)
+        info.weight, info.mode = 1.0, "patch"
+        new = Loaded(name=name, spec=spec, info=info, targets=targets)
+        with writing(reg) as tx:  # disabling the sources and loading the merge: both or neither
             if disable_sources:
-                mixing.enable(target, *weights)
-            raise
+                sources = [a for a in loaded if a.enabled]
+                for a in sources:
+                    a.enabled = False
+                tx.refresh(sources)
+            tx.apply(new)
+            reg.adapters[name] = new
+        return info
 
 
 def merge_files(

@@ -6,11 +6,12 @@ adapters that changed (patch mode: one vectorised recompute per touched module, 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Iterable
 
-from . import backends
 from .errors import AdapterNotFoundError
 from .pipeline import Loaded, components, registry
+from .transaction import writing
 from .weights import block_counts, validate
 
 
@@ -28,12 +29,11 @@ def lookup(target: Any, names: Iterable[str]) -> list[Loaded]:
 
 
 def refresh(changed: list[Loaded]) -> None:
-    """Rewrite the modules of adapters whose weight or state changed, one backend call per mode."""
-    by_mode: dict[str, list[Loaded]] = {}
-    for loaded in changed:
-        by_mode.setdefault(loaded.mode, []).append(loaded)
-    for mode, group in by_mode.items():
-        backends.get(mode).refresh(group)
+    """Rewrite the modules of adapters whose weight or state changed; on failure their modules and records
+    go back to how they were (callers inside a verb use their transaction's ``refresh`` instead)."""
+    if changed:
+        with writing(SimpleNamespace(adapters={a.name: a for a in changed})) as tx:
+            tx.refresh(changed)
 
 
 def adapter_names(names: Iterable[Any]) -> list[str]:
@@ -52,15 +52,19 @@ def adapter_names(names: Iterable[Any]) -> list[str]:
 
 
 def set_weights(target: Any, weights: dict[str, Any]) -> None:
-    """Set the weight of each named adapter (see ``diffadapt.weights`` for the accepted forms)."""
+    """Set the weight of each named adapter (see ``diffadapt.weights`` for the accepted forms).
+
+    The whole request is validated first; on any failure while writing, weights and modules stay as they were.
+    """
+    counts = component_counts(target)
+    checked = {n: validate(w, where=f"weight of '{n}'", counts=counts) for n, w in weights.items()}
     reg = registry(target)
     with reg.lock:
         loaded = lookup(target, list(weights))
-        counts = component_counts(target)
-        checked = {n: validate(w, where=f"weight of '{n}'", counts=counts) for n, w in weights.items()}
-        for item in loaded:
-            item.weight = checked[item.name]
-        refresh(loaded)
+        with writing(reg) as tx:
+            for item in loaded:
+                item.weight = checked[item.name]
+            tx.refresh(loaded)
 
 
 def _set_enabled(target: Any, names: tuple[str, ...], value: bool) -> None:
@@ -68,9 +72,10 @@ def _set_enabled(target: Any, names: tuple[str, ...], value: bool) -> None:
     with reg.lock:
         loaded = lookup(target, adapter_names(names) or list(reg.adapters))
         changed = [a for a in loaded if a.enabled != value]
-        for a in changed:
-            a.enabled = value
-        refresh(changed)
+        with writing(reg) as tx:
+            for a in changed:
+                a.enabled = value
+            tx.refresh(changed)
 
 
 def enable(target: Any, *names: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections import Counter, defaultdict
@@ -16,6 +17,7 @@ from .errors import FormatError, KeyMappingError, ShapeError
 from .info import guess_family
 from .peft_bridge import unwrap
 from .keys import ANY, ModuleIndex
+from .transaction import FairRLock
 from .spec import COMPONENTS, AdapterInfo, AdapterSpec, ModulePatch
 
 DENOISERS = ("unet", "transformer")
@@ -34,6 +36,19 @@ def components(target: Any) -> dict[str, nn.Module]:
     if not isinstance(comps, dict):
         raise TypeError(f"expected a diffusers pipeline or an nn.Module, got {type(target).__name__}")
     return {k: getattr(v, "_orig_mod", v) for k, v in comps.items() if k in COMPONENTS and isinstance(v, nn.Module)}
+
+
+def tensor_bound(target: Any) -> int:
+    """The most values one adapter tensor for this model may hold: the largest adaptable weight, or an
+    OFT-style (n, b, b) block set on its widest axis. Files are checked against it from their header."""
+    bound = 1
+    for comp in components(target).values():
+        for module in comp.modules():
+            if isinstance(module, PATCHABLE):
+                shape = module.weight.shape
+                wide = max(shape[0], math.prod(shape[1:]))
+                bound = max(bound, module.weight.numel(), wide * wide)
+    return bound
 
 
 def pipeline_family(target: Any) -> str:
@@ -175,7 +190,7 @@ class Loaded:
 @dataclass
 class Registry:
     adapters: dict[str, Loaded] = field(default_factory=dict)
-    lock: threading.RLock = field(default_factory=threading.RLock)
+    lock: FairRLock = field(default_factory=FairRLock)  # reentrant, first come first served
 
     def __deepcopy__(self, memo):  # a copied model keeps its (patched) weights but starts a fresh registry
         return Registry()
@@ -188,13 +203,16 @@ class Registry:
 
 
 _ATTR = "_diffadapt_registry"
+_CREATING = threading.Lock()  # two first loads from two threads must get the same registry
 
 
 def registry(target: Any) -> Registry:
     reg = target.__dict__.get(_ATTR)
     if reg is None:
-        reg = Registry()
-        target.__dict__[_ATTR] = reg
+        with _CREATING:
+            reg = target.__dict__.get(_ATTR)
+            if reg is None:
+                reg = target.__dict__[_ATTR] = Registry()
     return reg
 
 

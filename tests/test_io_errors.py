@@ -26,7 +26,8 @@ from diffadapt.keys import ModuleIndex
 from diffadapt.methods.lora import LoRAParams
 from diffadapt.testing import param_hashes, tiny_dit_pipeline, tiny_sd1_pipeline, tiny_sdxl_pipeline
 
-import peft  # noqa: E402
+import lycoris  # noqa: F401  (the fixtures need it: a missing dependency fails, it is not skipped)
+import peft
 
 ATTN = ["Transformer2DModel"]  # the UNet's attention blocks: 72 LoRA modules, enough and quick
 

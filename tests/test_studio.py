@@ -1,136 +1,254 @@
-"""The Gradio studio (``ui/``): its logic on the tiny pipeline, the app's construction, and one browser run."""
+"""The studio without a browser: its stack arithmetic against plain ``da.load`` on a fresh pipeline, the
+PNG/infotext contract, concurrency, merges, and the adapter folder's defences (names, uploads, changed files)."""
 
 from __future__ import annotations
 
 import os
-import socket
+import runpy
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import diffadapt as da
+from diffadapt.cli import main as cli_main
+from diffadapt.infotext import adapter_hash, load_png, read
+from diffadapt.prompt import parse
+from diffadapt.studio import Cancelled, Request, Slot, UnsafeNameError, demo_studio
+from diffadapt.studio.launch import parser as studio_parser
+from diffadapt.testing import tiny_sd1_pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import diffadapt as da  # noqa: E402
-from diffadapt.cli import main as cli_main  # noqa: E402
-from diffadapt.infotext import adapter_hash, read  # noqa: E402
-from ui.logic import demo_studio  # noqa: E402
-from ui.studio import build_app  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
+R = Request("a photo of a cat", seed=3, steps=2, width=32, height=32)
 
 
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
-    return demo_studio(adapter_dir=tmp_path_factory.mktemp("adapters"))
+    return demo_studio(tmp_path_factory.mktemp("adapters"), previews=False)
 
 
 def px(image) -> np.ndarray:
     return np.asarray(image, dtype=np.float64)
 
 
-def test_demo_adapters_loaded(studio):
-    assert studio.available() == ["film", "grain", "ink"]
-    assert set(da.adapters(studio.pipe)) == {"film", "grain", "ink"}
-    methods = {n: set(da.inspect(str(studio.adapter_dir / f"{n}.safetensors")).methods) for n in ("ink", "film", "grain")}
-    assert methods == {"ink": {"lora"}, "film": {"loha"}, "grain": {"lokr"}}
+def image(studio, req=R, slots=None, **kw):
+    return px(studio.generate(req, slots, **kw)[0].image)
 
 
-def test_weights_change_the_image_and_seed_repeats(studio):
-    off, _ = studio.generate("a cat", seed=3)
-    on, _ = studio.generate("a cat", weights={"ink": 1.0, "film": -0.5}, seed=3)
-    again, _ = studio.generate("a cat", weights={"ink": 1.0, "film": -0.5}, seed=3)
-    other, _ = studio.generate("a cat", weights={"ink": 1.0, "film": -0.5}, seed=4)
-    assert on.size == (64, 64)
-    assert np.abs(px(on) - px(off)).mean() > 1.0
-    assert np.array_equal(px(on), px(again))
-    assert not np.array_equal(px(on), px(other))
-    assert np.array_equal(px(studio.generate("a cat", seed=3)[0]), px(off))  # the stack is undone after each request
+def reference(studio, weights: dict, *, req=R) -> np.ndarray:
+    """The same request on a fresh pipeline with the adapter files loaded by plain ``da.load``."""
+    pipe = tiny_sd1_pipeline()
+    for name, w in weights.items():
+        da.load(pipe, str(studio.adapter_dir / f"{name}.safetensors"), name, weight=w)
+    generator = torch.Generator("cpu").manual_seed(req.seed)
+    with torch.no_grad():
+        out = pipe(req.prompt.split("<")[0].strip(" ,"), num_inference_steps=req.steps, guidance_scale=req.cfg,
+                   width=req.width, height=req.height, generator=generator, output_type="pil").images[0]
+    return px(out)
 
 
-def test_prompt_tags_apply_and_infotext_reads_back(studio):
-    tagged, text = studio.generate("a cat <lora:grain:0.7:0.3>", weights={"grain": 2.0}, negative_prompt="blurry",
-                                   seed=5, steps=3, cfg=5.0)
-    same, _ = studio.generate("a cat", weights={"grain": {"text_encoder": 0.7, "unet": 0.3}}, seed=5, steps=3,
-                              cfg=5.0, negative_prompt="blurry")
-    slider, _ = studio.generate("a cat", weights={"grain": 2.0}, seed=5, steps=3, cfg=5.0, negative_prompt="blurry")
-    assert np.array_equal(px(tagged), px(same)) and not np.array_equal(px(tagged), px(slider))
-    info = read(text)
-    assert info.prompt == "a cat <lora:grain:0.7:0.3>" and info.negative_prompt == "blurry"
-    assert (info.params["Seed"], info.params["Steps"], info.params["CFG scale"], info.params["Size"]) == ("5", "3", "5", "64x64")
-    [ref] = info.adapters
-    assert (ref.name, ref.te, ref.unet) == ("grain", 0.7, 0.3)
-    assert ref.hash == adapter_hash(studio.adapter_dir / "grain.safetensors")
+def test_demo_adapters_are_three_methods_with_metadata(studio):
+    cards = {c["name"]: c for c in studio.catalog()}
+    assert {n: c["methods"] for n, c in cards.items()} == {"film": ["loha"], "grain": ["lokr"], "ink": ["lora"]}
+    assert cards["ink"]["trigger_words"] == ["ink wash"] and cards["ink"]["base_family"] == "sd1"
+    assert all(c["ranks"] == [4] and c["components"] == ["text_encoder", "unet"] for c in cards.values())
 
 
-def test_unknown_tag_is_an_error(studio):
-    with pytest.raises(da.SourceError, match="nope"):
-        studio.generate("a cat <lora:nope:1>")
+@pytest.mark.parametrize("tags, weights", [
+    ("<lora:ink:0.8>", {"ink": 0.8}),
+    ("<lora:grain:0.7:0.3> <lora:film:-0.5>", {"grain": {"text_encoder": 0.7, "unet": 0.3}, "film": -0.5}),
+])
+def test_tags_equal_plain_load_on_a_fresh_pipeline(studio, tags, weights):
+    req = Request(f"a photo of a cat {tags}", seed=3, steps=2, width=32, height=32)
+    got = studio.generate(req)[0]
+    assert np.array_equal(px(got.image), reference(studio, weights, req=req))
+    info = read(got.infotext)
+    assert info.prompt == req.prompt and info.params["Size"] == "32x32" and info.params["Seed"] == "3"
+    for ref in info.adapters:
+        w = weights[ref.name]
+        assert (ref.te, ref.unet) == ((w["text_encoder"], w["unet"]) if isinstance(w, dict) else (w, w))
+        assert ref.hash == adapter_hash(studio.adapter_dir / f"{ref.name}.safetensors")
 
 
-def test_merge_writes_a_file_inspect_reads(studio):
-    before = {n: a.enabled for n, a in da.adapters(studio.pipe).items()}
-    path, error = studio.merge({"ink": 0.6, "film": 0.4, "grain": 0.0}, name="mix")
-    assert path == studio.adapter_dir / "mix.safetensors" and path.is_file()
-    assert 0.0 <= error < 0.5
-    info = da.inspect(str(path))
-    assert set(info.methods) == {"lora"} and set(info.components) == {"unet", "text_encoder"}
-    assert info.metadata["diffadapt_merge_method"] == "svd"
-    assert {n: a.enabled for n, a in da.adapters(studio.pipe).items()} == before  # pipeline as before
-    assert "mix" in studio.available()
+def test_sliders_tags_and_zero(studio):
+    off = image(studio)
+    assert np.array_equal(image(studio, R, {"ink": 0.0, "film": 0.0}), off)  # weight 0 is off
+    slider = image(studio, R, {"grain": Slot(0.3, te=0.7)})
+    tag = image(studio, Request("a photo of a cat <lora:grain:0.7:0.3>", seed=3, steps=2, width=32, height=32),
+                {"grain": 2.0})  # the tag wins over the slider
+    assert np.array_equal(slider, tag)
+    assert np.abs(image(studio, R, {"grain": 0.5}) - image(studio, R, {"grain": 1.0})).mean() > 1.0
+    assert np.array_equal(image(studio), off)  # nothing stays applied between requests
+
+
+def test_png_is_lossless_with_parameters(studio):
+    result = studio.generate(R, {"ink": 1.0}, batch=2)
+    assert [r.seed for r in result] == [3, 4]
+    for r in result:
+        with Image.open(r.path) as im:
+            assert im.format == "PNG" and np.array_equal(px(im.convert("RGB")), px(r.image))
+        assert load_png(r.path).params == read(r.infotext).params
+    assert np.array_equal(px(result[1].image), image(studio, Request(R.prompt, seed=4, steps=2, width=32, height=32),
+                                                     {"ink": 1.0}))
+
+
+def test_random_seed_sampler_and_preset(studio):
+    r = studio.generate(Request(R.prompt, seed=-1, steps=2, width=32, height=32, sampler="DPM++ 2M Karras"))[0]
+    info = read(r.infotext)
+    assert (info.params["Sampler"], info.params["Schedule type"]) == ("DPM++ 2M", "Karras")
+    again = Request(R.prompt, seed=int(info.params["Seed"]), steps=2, width=32, height=32, sampler="DPM++ 2M Karras")
+    assert np.array_equal(px(r.image), image(studio, again))
+    assert type(studio.pipe.scheduler).__name__ == "EulerDiscreteScheduler"  # swapped back
+    mid = studio.generate(R, {"ink": Slot(1.0, preset="mid only")})[0]
+    assert "Lora block weights: ink=mid only" in mid.infotext
+    assert not np.array_equal(px(mid.image), image(studio, R, {"ink": 1.0}))
+    with pytest.raises(da.DiffAdaptError, match="sampler 'nope'"):
+        studio.generate(Request(R.prompt, sampler="nope"))
+
+
+def test_grid_and_compare(studio):
+    grid, cells = studio.grid(R, {"ink": 1.0}, rows=["film 0", "film 1"], columns=["grain 0", "grain 1"],
+                              cells=[[{"film": 0, "grain": 0}, {"film": 0, "grain": 1}],
+                                     [{"film": 1, "grain": 0}, {"film": 1, "grain": 1}]])
+    assert np.array_equal(px(cells[3].image), image(studio, R, {"ink": 1.0, "film": 1.0, "grain": 1.0}))
+    assert np.array_equal(px(cells[0].image), image(studio, R, {"ink": 1.0}))
+    assert grid.image.width > 64 and grid.image.height > 64 and load_png(grid.path).prompt.startswith(R.prompt)
+    with_, without = studio.compare(Request("a photo of a cat <lora:ink:1>", seed=3, steps=2, width=32, height=32))
+    assert np.array_equal(px(without.image), image(studio)) and not np.array_equal(px(with_.image), image(studio))
+
+
+def test_cancel_stops_between_steps_and_restores(studio):
+    steps = []
+
+    def on_step(k, n):
+        steps.append(k)
+        studio.cancel("me")
+
+    with pytest.raises(Cancelled):
+        studio.generate(Request(R.prompt, seed=3, steps=4, width=32, height=32), {"ink": 1}, token="me",
+                        on_step=on_step)
+    assert steps == [1]
+    assert np.array_equal(image(studio, R, {}, token="me"), image(studio))  # a new request clears the flag
+
+
+def _deltas(pipe, base) -> dict[str, torch.Tensor]:
+    return {k: v - base[k] for k, v in _params(pipe).items()}
+
+
+def _params(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{k}": v.detach().clone() for c in ("unet", "text_encoder")
+            for k, v in getattr(pipe, c).state_dict().items()}
+
+
+@pytest.mark.parametrize("method, rank, tags", [
+    ("cat", None, "<lora:ink:0.6:0.3>"),  # exact: LoRA only
+    ("svd", 4, "<lora:ink:0.6> <lora:film:0.4:0.2>"),
+])
+def test_merge_file_equals_the_stack_within_its_error(studio, method, rank, tags):
+    path, error = studio.merge(f"mix-{method}", method=method, rank=rank, tags=tags)
+    assert path == studio.adapter_dir / f"mix-{method}.safetensors"
+    base = _params(tiny_sd1_pipeline())
+    stack = tiny_sd1_pipeline()
+    for entry in parse(tags).stack:
+        da.load(stack, str(studio.adapter_dir / f"{entry.name}.safetensors"), weight=entry.weight)
+    merged = tiny_sd1_pipeline()
+    da.load(merged, str(path))
+    want, got = _deltas(stack, base), _deltas(merged, base)
+    num = sum(float((got[k] - want[k]).double().norm() ** 2) for k in want)
+    den = sum(float(want[k].double().norm() ** 2) for k in want)
+    assert (num / den) ** 0.5 <= error * (1 + 1e-3) + 1e-6
+    assert (error < 1e-6) if method == "cat" else (0 < error < 1)
     with pytest.raises(da.DiffAdaptError, match="already exists"):
-        studio.merge({"ink": 1.0}, name="mix")
+        studio.merge(f"mix-{method}", tags=tags)
 
 
-def test_build_app_constructs(studio):
-    import gradio as gr
+@pytest.mark.parametrize("name", ["../../../x", "/tmp/x", "a/b", "..", ".hidden", "x:y", "", " x"])
+def test_merge_names_stay_in_the_folder(studio, name, tmp_path):
+    before = set(os.listdir(studio.adapter_dir))
+    with pytest.raises(UnsafeNameError, match="name"):
+        studio.merge(name, tags="<lora:ink:1>")
+    assert set(os.listdir(studio.adapter_dir)) == before
 
-    assert isinstance(build_app(studio=studio), gr.Blocks)
+
+@pytest.mark.parametrize("tag", ["<lora:/etc/x:1>", "<lora:../../x:1>", "<lora:..\\x:1>", "<lora:~/x:1>",
+                                 "<lyco:sub/ink:1>"])
+def test_tag_paths_are_refused(studio, tag):
+    with pytest.raises(UnsafeNameError, match="adapter folder|absolute"):
+        studio.generate(Request(f"a cat {tag}", seed=0, steps=1, width=32, height=32))
 
 
-def test_cli_studio_help(capsys):
+def test_unknown_adapter_is_a_clear_error(studio):
+    with pytest.raises(da.SourceError, match="no adapter 'nope'"):
+        studio.generate(Request("a cat <lora:nope:1>", steps=1))
+
+
+def test_uploads_never_replace(studio, tmp_path):
+    src = tmp_path / "ink.safetensors"
+    shutil.copyfile(studio.adapter_dir / "film.safetensors", src)
+    ink = (studio.adapter_dir / "ink.safetensors").read_bytes()
+    studio.load("ink")
+    assert studio.upload(src) == "ink-1"
+    assert (studio.adapter_dir / "ink.safetensors").read_bytes() == ink
+    assert (studio.adapter_dir / "ink-1.safetensors").read_bytes() == src.read_bytes()
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    for file, match in [(bad, "cannot read safetensors"), (tmp_path / "x.txt", "not a .safetensors"),
+                        (tmp_path / ".evil.safetensors", "starts with '.'")]:
+        if not file.exists():
+            file.write_bytes(src.read_bytes())
+        with pytest.raises(da.DiffAdaptError, match=match):
+            studio.upload(file)
+    assert not any(p.name.startswith(("broken", ".", "x")) for p in studio.adapter_dir.iterdir())
+
+
+def test_a_file_changed_on_disk_changes_nothing_until_refresh(studio):
+    req = Request("a cat <lora:grain:1>", seed=5, steps=2, width=32, height=32)
+    before = studio.generate(req)[0]
+    path = studio.adapter_dir / "grain.safetensors"
+    saved = path.read_bytes()
+    try:
+        with open(path, "r+b") as f:  # in place: a memory-mapped copy would SIGBUS or see the new bytes
+            f.write((studio.adapter_dir / "ink.safetensors").read_bytes()[: len(saved)])
+            f.truncate(len(saved) // 3)
+        after = studio.generate(req)[0]
+        assert np.array_equal(px(after.image), px(before.image)) and after.infotext == before.infotext
+        studio.refresh()
+        with pytest.raises(da.FormatError, match="grain"):
+            studio.generate(req)
+    finally:
+        path.write_bytes(saved)
+        studio.refresh()
+    assert np.array_equal(image(studio, req), px(before.image))
+
+
+def test_cli_and_wrapper_help(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli_main(["studio", "--help"])
-    assert e.value.code == 0 and "--adapters" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(f in out for f in ("--model", "--adapters", "--host", "--port", "--share", "--demo"))
+    assert cli_main(["studio"]) == 2 and "--demo" in capsys.readouterr().err
+    args = studio_parser().parse_args(["--demo"])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)  # this machine only by default
+    monkeypatch.setattr(sys, "argv", ["ui/studio.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "ui" / "studio.py"), run_name="__main__")
+    assert e.value.code == 0 and "--demo" in capsys.readouterr().out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_samplers_follow_the_scheduler():
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
+    from diffadapt.models import make_scheduler, sampler_name, samplers_for
 
-def test_browser_generate(studio):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    app = build_app(studio=studio)
-    port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--headless", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"])
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
-                page.wait_for_selector("#generate", timeout=30_000)
-                page.fill("#prompt textarea", "a cat <lora:ink:0.8>")
-                page.click("#generate")
-                page.wait_for_selector("#image img", timeout=30_000)
-                page.wait_for_function(
-                    "document.querySelector('#infotext textarea').value.includes('Seed: 0')", timeout=30_000)
-                text = page.input_value("#infotext textarea")
-                assert text.startswith("a cat <lora:ink:0.8>") and "Lora hashes" in text
-                out = ROOT / "out" / "studio.png"
-                out.parent.mkdir(exist_ok=True)
-                page.screenshot(path=str(out), full_page=True)
-            finally:
-                browser.close()
-    finally:
-        app.close()
+    flow = FlowMatchEulerDiscreteScheduler()
+    assert samplers_for(flow) == ["Euler"] and type(make_scheduler(flow, "Euler")) is FlowMatchEulerDiscreteScheduler
+    euler = EulerDiscreteScheduler()
+    karras = make_scheduler(euler, "DPM++ 2M Karras")
+    assert type(karras) is DPMSolverMultistepScheduler and sampler_name(karras) == ("DPM++ 2M", "Karras")
+    assert {"Euler", "Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(samplers_for(euler))
+    with pytest.raises(da.UnsupportedError, match="not available"):
+        make_scheduler(flow, "DDIM")

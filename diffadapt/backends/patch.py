@@ -23,6 +23,7 @@ from torch import nn
 
 from ..compose import compose
 from ..errors import UnsupportedError
+from ..guards import check_written, needs_scan
 from ..methods.base import Params
 
 
@@ -43,6 +44,7 @@ class Slot:
     original: torch.Tensor
     original_bias: torch.Tensor | None
     entries: list[Entry] = field(default_factory=list)
+    label: str = ""  # "component.module", for errors
 
     # -- composition ---------------------------------------------------------------------------------
     def compute(self, *, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -60,7 +62,9 @@ class Slot:
         """Recompute and store. ``inplace`` keeps the current storage (what torch.compile sees)."""
         current = self.module.weight.data
         buffer = current if inplace and not _same(current, self.original) else None
+        scan = needs_scan(self)  # decided while W0 is intact: the bound on the factors, or a scan after
         weight, bias = self.compute(out=buffer)
+        check_written(self, weight, bias, scan=scan)  # an overflow raises; the caller's rollback rewrites it
         if buffer is None or not _same(weight, buffer):
             _store(self.module.weight, weight, self.original, inplace=inplace)
         if self.original_bias is not None:
@@ -109,6 +113,45 @@ def drop_slot(module: nn.Module) -> None:
         slot.restore()
 
 
+def snapshot(modules):
+    """A function putting these modules' slots back as they are now (entries, strengths, buffers), bit-exactly.
+
+    Used by ``diffadapt.transaction`` to roll back any patch-mode write; only modules whose state changed
+    are rewritten.
+    """
+    saved = []
+    for module in dict.fromkeys(modules):
+        slot = _SLOTS.get(module)
+        bias = module.bias.data if isinstance(getattr(module, "bias", None), torch.Tensor) else None
+        entries = None if slot is None else [(e, e.strength) for e in slot.entries]
+        saved.append((module, slot, entries, module.weight.data, bias))
+
+    def restore() -> None:
+        for module, slot, entries, weight, bias in saved:
+            now = _SLOTS.get(module)
+            if slot is None:
+                if now is not None:
+                    drop_slot(module)
+                continue
+            same = (now is slot and len(slot.entries) == len(entries)
+                    and all(e is e0 and e.strength == s0 for e, (e0, s0) in zip(slot.entries, entries))
+                    and _same(module.weight.data, weight))
+            if same:
+                continue
+            if now is not None and now is not slot:
+                drop_slot(module)
+            _SLOTS[module] = slot
+            slot.entries = [e for e, _ in entries]
+            for e, s in entries:
+                e.strength = s
+            module.weight.data = weight  # the buffer it had (or the original): compiled graphs read it
+            if bias is not None:
+                module.bias.data = bias
+            slot.write(inplace=True)
+
+    return restore
+
+
 def _take_off(module: nn.Module, name: str, *, park: bool = False) -> None:
     """Take adapter ``name`` off the module; the originals come back bit-exactly when none is left.
 
@@ -123,6 +166,10 @@ def _take_off(module: nn.Module, name: str, *, park: bool = False) -> None:
         slot.write(inplace=True)
     else:
         drop_slot(module)
+
+
+def _label(t) -> str:
+    return f"{t.component}.{t.module_name}" if t.component else t.module_name
 
 
 # -- the backend interface (see backends/__init__.py) --------------------------------------------------
@@ -154,6 +201,7 @@ def apply(loaded) -> None:
             w = t.module.weight
             params = t.patch.params.to(device=w.device, dtype=torch.float32)
             slot = slot_for(t.module)
+            slot.label = slot.label or _label(t)
             slot.entries.append(Entry(name=loaded.name, params=params, strength=loaded.strength(t.component, t.module_name)))
             done.append(t.module)
             slot.write(inplace=True)
@@ -218,6 +266,7 @@ def hotswap(loaded, targets) -> None:
     for t in targets:  # every conversion before the first write
         params = t.patch.params.to(device=t.module.weight.device, dtype=torch.float32)
         new.setdefault(t.module, []).append(Entry(name, params, loaded.strength(t.component, t.module_name)))
+    labels = {t.module: _label(t) for t in targets}
     old = list(dict.fromkeys(t.module for t in loaded.targets))
     parked = [m for m in loaded.extra.get(PARKED, ()) if m not in new]
     touched = list(dict.fromkeys([*new, *old]))
@@ -225,6 +274,7 @@ def hotswap(loaded, targets) -> None:
     try:
         for module, entries in new.items():
             slot = slot_for(module)
+            slot.label = slot.label or labels[module]
             slot.entries = _replace(slot.entries, name, entries)
             slot.write(inplace=True)
         for module in old:

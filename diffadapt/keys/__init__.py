@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 import torch
 
-from ..errors import FormatError, NonFiniteError
+from ..errors import DiffAdaptError, FormatError, NonFiniteError
 from ..methods import ALL_SUFFIXES, ParseContext, detect
 from ..spec import COMPONENTS, AdapterSpec, ModuleGroup, ModulePatch, RawAdapter
 from . import kohya, peft
@@ -78,6 +78,23 @@ def split(raw: RawAdapter, configs: dict[str, dict]) -> list[ModuleGroup]:
     return list(groups.values())
 
 
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(t: torch.Tensor, *, where: str) -> None:
+    """Dense, real, on a device with data, of a float dtype (integers only for scalars such as alpha)."""
+    if t.layout != torch.strided:
+        raise FormatError(f"{where}: a {str(t.layout).removeprefix('torch.')} tensor; adapters hold dense tensors")
+    if t.device.type == "meta":
+        raise FormatError(f"{where}: a meta tensor has no values")
+    if t.dtype not in FLOATS and not (t.numel() == 1 and not t.is_complex() and t.dtype != torch.bool
+                                      and not t.is_floating_point()):
+        raise FormatError(f"{where}: dtype {str(t.dtype).removeprefix('torch.')} is not supported "
+                          "(float16, bfloat16, float32 or float64; integers only for scalars such as alpha)")
+    if t.dim() and t.shape[0] == 0:  # (0, in): rank 0. PEFT OFT with 1-wide blocks has (n, 0): that is valid
+        raise FormatError(f"{where}: an empty tensor, shape {tuple(t.shape)} (rank 0?)")
+
+
 def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
     """Parse every module group into typed params; validates everything that needs no model."""
     if not raw.tensors:
@@ -89,6 +106,8 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
         # the module part of the key as written in the file (legacy diffusers keys are shown whole)
         first_key = key0[: -len(suffix0) - 1] if key0.endswith("." + suffix0) else key0
         where = f"{raw.source}: {first_key}"
+        for suffix, t in g.tensors.items():
+            _check_tensor(t, where=f"{raw.source}: tensor '{g.keys[suffix]}'")
         if check_finite:
             for suffix, t in g.tensors.items():
                 # a finite sum proves every value finite; only a non-finite sum needs the full scan
@@ -98,7 +117,12 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
         unknown = set(g.tensors) - method.suffixes
         if unknown:
             raise FormatError(f"{where}: keys {sorted(g.keys[s] for s in unknown)} do not belong to {method.name}")
-        params = method.parse(g.tensors, ParseContext(where=where, fmt=g.fmt, config=g.config))
+        try:
+            params = method.parse(g.tensors, ParseContext(where=where, fmt=g.fmt, config=g.config))
+        except (IndexError, RuntimeError, ValueError, TypeError, ZeroDivisionError) as e:
+            if isinstance(e, DiffAdaptError):
+                raise
+            raise FormatError(f"{where}: malformed {method.name} tensors: {type(e).__name__}: {e}") from e
         patches.append(
             ModulePatch(component=g.component, module_key=g.module_key, method=method.name, params=params,
                         fmt=g.fmt, dotted=g.dotted, original_key=first_key)

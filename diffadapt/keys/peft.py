@@ -7,7 +7,7 @@ from typing import Any
 
 from peft.utils.other import get_pattern_key
 
-from ..errors import FormatError
+from ..errors import FormatError, NonFiniteError
 
 # pattern field → the config fields it overrides per module
 PATTERNS: dict[str, tuple[str, ...]] = {
@@ -25,11 +25,23 @@ def check_config(config: Any, *, where: str) -> dict[str, Any]:
         value = config.get(field)
         if value is not None and not isinstance(value, dict):
             raise FormatError(f"{where}: '{field}' must be an object mapping module patterns to numbers")
+        for pattern, v in (value or {}).items():
+            _number(v, where=where, field=f"{field}[{pattern!r}]")
     for field in ("r", "lora_alpha", "alpha", "n_frequency"):
-        value = config.get(field)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise FormatError(f"{where}: '{field}' must be a number, got {value!r}")
+        if config.get(field) is not None:
+            _number(config[field], where=where, field=field)
     return config
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _number(value: Any, *, where: str, field: str) -> None:
+    """A config number must be a finite float32 (the math runs in float32): NaN, Infinity, 1e308 are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FormatError(f"{where}: '{field}' must be a number, got {value!r}")
+    if not abs(value) <= _FLOAT32_MAX:  # also False for NaN
+        raise NonFiniteError(f"{where}: '{field}' = {value!r} is not a finite float32 number")
 
 
 def resolve(config: dict[str, Any] | None, module: str) -> dict[str, Any] | None:
@@ -75,8 +87,8 @@ def configs_from_metadata(metadata: dict[str, str], *, where: str) -> dict[str, 
 def _json(text: str, *, where: str) -> dict[str, Any]:
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{where}: malformed JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, 5000-digit integers, nesting too deep
+        raise FormatError(f"{where}: malformed JSON: {type(e).__name__}: {str(e)[:200]}") from e
     if not isinstance(data, dict):
         raise FormatError(f"{where}: expected a JSON object")
     return data

@@ -244,6 +244,9 @@ def config_value(cfg: dict[str, Any], name: str, kind: type, *, where: str, defa
             return value.strip().lower() in ("true", "1")
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
-        return kind(value)
-    except (TypeError, ValueError):
+        out = kind(value)
+        if kind is float and not math.isfinite(out):
+            raise ValueError(value)
+        return out
+    except (TypeError, ValueError, OverflowError):
         raise FormatError(f"{where}: config field '{name}' = {value!r} is not a {kind.__name__}") from None

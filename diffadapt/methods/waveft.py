@@ -13,7 +13,7 @@ PyTorch-Wavelet-Toolbox); the scatter / pad / crop around them mirrors ``WaveFTL
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 

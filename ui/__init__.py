@@ -1,1 +1,0 @@
-"""The diffadapt studio (Gradio app); run ``python ui/studio.py`` or ``diffadapt studio``."""
