@@ -34,7 +34,7 @@ from .export.peft_files import write_peft
 from .info import guess_family
 from .io import write_safetensors
 from .keys.kohya import diffusers_to_ldm
-from .pipeline import Target, components, pipeline_family, registry, resolve
+from .pipeline import Target, components, model_family, registry, resolve
 from .spec import AdapterSpec, RawAdapter
 
 FORMATS = ("kohya", "peft")
@@ -83,6 +83,17 @@ def architecture(family: str):
         return SimpleNamespace(components={"unet": sdxl_unet(device="meta"),
                                            "text_encoder": sd15_text_encoder(device="meta"),  # CLIP ViT-L, as SD1.5
                                            "text_encoder_2": _bigg_text_encoder()})
+    if family in ("flux", "sd3"):
+        from .architectures import flux_dev_transformer, sd35_large_transformer, t5_xxl_encoder
+
+        if family == "flux":
+            return SimpleNamespace(components={"transformer": flux_dev_transformer(device="meta"),
+                                               "text_encoder": sd15_text_encoder(device="meta"),
+                                               "text_encoder_2": t5_xxl_encoder(device="meta")})
+        return SimpleNamespace(components={"transformer": sd35_large_transformer(device="meta"),
+                                           "text_encoder": sd15_text_encoder(device="meta"),
+                                           "text_encoder_2": _bigg_text_encoder(),
+                                           "text_encoder_3": t5_xxl_encoder(device="meta")})
     return None
 
 
@@ -101,7 +112,7 @@ def _model(model: Any):
     if isinstance(model, str):
         arch = architecture(model)
         if arch is None:
-            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl); "
+            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl, flux, sd3); "
                                  "pass a pipeline or module")
         return arch
     return model
@@ -126,6 +137,21 @@ def _to_ldm(target: Any, family: str):
 def _items_from_targets(targets: list[Target]) -> list[Item]:
     return [Item(component=t.component, module=t.module_name, dotted=True, params=t.patch.params,
                  kind=module_kind(t.module), shape=tuple(t.module.weight.shape)) for t in targets]
+
+
+def _native_items(loaded) -> list[Item] | None:
+    """A DiT adapter read from native names (Flux BFL, SD3 MMDiT, Wan) goes back to kohya under those names —
+    fused modules whole (``double_blocks_0_img_attn_qkv``), as sd-scripts / musubi-tuner write them; text
+    encoders as usual. None when any denoiser module came from diffusers or XLabs names."""
+    from .keys.dit import native_kohya_names
+
+    names = native_kohya_names(loaded.spec.patches)
+    if names is None:
+        return None
+    resolved = {t.patch.original_key for t in loaded.targets}  # strict=False may have left some out
+    items = [Item(component="unet", module=names[id(p)], dotted=False, params=p.params)
+             for p in loaded.spec.patches if id(p) in names and p.original_key in resolved]
+    return items + [i for i in _items_from_targets(loaded.targets) if i.component not in ("transformer", "unet")]
 
 
 def _file_ndim(raw: RawAdapter | None, patch) -> int | None:
@@ -196,8 +222,19 @@ def convert(source: Any, dest: str | os.PathLike, *, format: str | None = None, 
     kept = [p for p in spec.patches if not excluded(p, patterns)]
     sub = AdapterSpec(patches=kept, fmt=spec.fmt, source=spec.source, metadata=spec.metadata, configs=spec.configs)
     target = _model(model) if model is not None else None
-    family = pipeline_family(target) if target is not None else guess_family(spec)
-    if target is None and to == "peft" and any(not p.dotted for p in kept):
+    family = model_family(target) if target is not None else guess_family(spec)
+    # kohya names need the module tree for PEFT output; fused modules (Flux qkv …) need it unless they go back
+    # to kohya under their native names (sd-scripts / musubi-tuner), which needs no model
+    from .keys.dit import native_kohya_names
+
+    native = native_kohya_names(kept) if to == "kohya" and model is None else None
+    if native:
+        items = [Item(component="unet", module=native[id(p)], dotted=False, params=p.params, ndim=_file_ndim(raw, p))
+                 for p in kept if id(p) in native]
+        rest = AdapterSpec(patches=[p for p in kept if id(p) not in native], fmt=spec.fmt, source=spec.source)
+        return _write(items + _items_from_spec(rest, raw), path, to=to, family=family, dtype=dtype,
+                      metadata=spec.metadata, where=spec.source, single_file=single_file, to_ldm=None)
+    if target is None and ((to == "peft" and any(not p.dotted for p in kept)) or any(p.fused for p in kept)):
         target = architecture(family)
         if target is None:
             raise DiffAdaptError(
@@ -229,8 +266,9 @@ def save(target: Any, name: str, path: str | os.PathLike, *, format: str = "kohy
         if loaded is None:
             raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(reg.adapters)})")
         items, spec = _items_from_targets(loaded.targets), loaded.spec
+        items = (_native_items(loaded) if format == "kohya" else None) or items
     bare = isinstance(target, nn.Module)
-    family = guess_family(spec) if bare else pipeline_family(target)
+    family = guess_family(spec) if bare else model_family(target)
     return _write(items, dest, to=format, family=family, dtype=dtype, metadata=spec.metadata,
                   where=f"adapter '{name}'", single_file=single_file, to_ldm=None if bare else _to_ldm(target, family))
 

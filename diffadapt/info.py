@@ -10,13 +10,17 @@ import torch
 
 from .spec import AdapterInfo, AdapterSpec
 
-_DIT = re.compile(r"single_transformer_blocks|context_embedder|x_embedder|add_k_proj|ff_context|joint_blocks|double_blocks")
+_DIT = re.compile(r"single_transformer_blocks|context_embedder|x_embedder|add_k_proj|ff_context|joint_blocks|double_blocks"
+                  r"|final_layer|adaLN_modulation|(^|_)(txt_in|img_in)")
 _SDXL = re.compile(r"^(input_blocks|output_blocks|middle_block|label_emb)|add_embedding")
 _CROSS_K = re.compile(r"attn2[._]to_k$")
 
 
 def guess_family(spec: AdapterSpec) -> str:
-    """sd1 | sd2 | sdxl | dit | unknown, from component names, block names and tensor widths."""
+    """sd1 | sd2 | sdxl | flux | sd3 | wan | qwen | dit (a DiT the names do not tell) | unknown: the family the
+    key names identify (``keys/dit.py``), else component names, block names and tensor widths."""
+    if spec.family:
+        return spec.family
     comps = {p.component for p in spec.patches}
     keys = [p.module_key for p in spec.patches]
     if "transformer" in comps or any(_DIT.search(k) for k in keys):
@@ -77,4 +81,5 @@ def summarize(spec: AdapterSpec, *, name: str | None = None) -> AdapterInfo:
         base_family=guess_family(spec),
         trigger_words=trigger_words(spec.metadata),
         metadata=dict(spec.metadata),
+        layout=spec.layout,
     )

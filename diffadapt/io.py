@@ -274,7 +274,13 @@ def _discard(path: Path) -> None:
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Write contiguous CPU tensors with string metadata (safetensors allows only str → str), atomically."""
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    clean, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().to("cpu").contiguous()
+        if v.untyped_storage().data_ptr() in seen:  # split fused modules share factors; safetensors refuses aliases
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        clean[k] = v
     meta = {k: str(v) for k, v in metadata.items()}
     with staged(path) as tmp:
         save_file(clean, str(tmp), metadata=meta)

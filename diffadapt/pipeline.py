@@ -16,7 +16,7 @@ from . import weights
 from .errors import FormatError, KeyMappingError, ShapeError
 from .info import guess_family
 from .peft_bridge import unwrap
-from .keys import ANY, ModuleIndex
+from .keys import ANY, ModuleIndex, dit, fused
 from .transaction import FairRLock
 from .spec import COMPONENTS, AdapterInfo, AdapterSpec, ModulePatch
 
@@ -80,17 +80,53 @@ def _candidates(component: str, comps: dict[str, nn.Module]) -> list[str]:
         return [component]
     if component in DENOISERS:
         return [c for c in DENOISERS if c in comps]
+    if component == "text_encoder_3" and _is_t5(comps.get("text_encoder_2")):
+        return ["text_encoder_2"]  # kohya's lora_te3_ / ComfyUI's t5xxl: Flux keeps T5 in text_encoder_2
     if component == ANY:
         return [c for c in DENOISERS + TEXT_ENCODERS if c in comps]
     return []
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """A normalisation layer with a learnt scale (LayerNorm, GroupNorm, RMSNorm …): full diffs may move it."""
+    w = getattr(module, "weight", None)
+    return "Norm" in type(module).__name__ and isinstance(w, torch.Tensor) and w.dim() == 1
+
+
+def _is_t5(module: nn.Module | None) -> bool:
+    return module is not None and type(module).__name__.startswith(("T5", "UMT5"))
+
+
+def _place(patch: ModulePatch, comp: str, index: ModuleIndex, root: nn.Module, source: str) -> list[Target] | None:
+    """The targets of one patch in one component; None if its module(s) are not there; ShapeError on misfit."""
+    names = [index.find(m, dotted=True) for m in patch.fused.modules] if patch.fused else \
+        [index.find(patch.module_key, dotted=patch.dotted)]
+    if any(n is None for n in names):
+        return None
+    modules = [unwrap(index.modules[n]) for n in names]
+    label = f"{comp + '.' if comp else ''}"
+    where = f"{source}: '{patch.original_key}' → {label}{names[0] if len(names) == 1 else names}"
+    for module in modules:
+        if not isinstance(module, PATCHABLE) and not (_is_norm(module) and patch.method == "full"):
+            raise ShapeError(f"{where}: a {type(module).__name__} cannot be adapted (Linear and Conv; norm "
+                             "scales only by a full diff)")
+    if patch.fused is None:
+        patch.params.check(modules[0].weight.shape, where=where)
+        return [Target(patch=patch, component=comp, module_name=names[0], module=modules[0], root=root)]
+    children = fused.split(patch, names, modules, root, where=where)
+    for child, name, module in zip(children, names, modules):
+        child.params.check(module.weight.shape, where=f"{source}: '{patch.original_key}' → {label}{name}")
+    return [Target(patch=c, component=comp, module_name=n, module=m, root=root)
+            for c, n, m in zip(children, names, modules)]
 
 
 def resolve(target: Any, spec: AdapterSpec, *, strict: bool = True) -> list[Target]:
     """Map every patch to a module and check shapes; raises before anything is written.
 
     A patch whose component the file does not name goes to the first candidate component where the
-    module exists *and* fits. Keys that match nothing, or only modules of another shape, are reported
-    together with a guess of the model family the file was made for.
+    module exists *and* fits. A fused file module (Flux's qkv …) becomes one target per model module,
+    its params sliced to that module's rows. Keys that match nothing, or only modules of another shape,
+    are reported together with the file's layout and the model family.
     """
     comps = components(target)
     indexes = {name: ModuleIndex(m) for name, m in comps.items()}
@@ -98,45 +134,62 @@ def resolve(target: Any, spec: AdapterSpec, *, strict: bool = True) -> list[Targ
     missing: dict[str, list[ModulePatch]] = defaultdict(list)
     clashes: list[ShapeError] = []
     seen: dict[tuple[str, str], str] = {}
-    for patch in spec.patches:
-        hit, clash = None, None
+    patches = spec.patches
+    if spec.family is None and (fam := model_family(target)) in dit.TABLES:
+        patches = dit.translate_patches(patches, fam)  # names several families share: the model decides
+    for patch in patches:
+        hits, clash = None, None
         for comp in _candidates(patch.component, comps):
-            name = indexes[comp].find(patch.module_key, dotted=patch.dotted)
-            if name is None:
-                continue
-            module = unwrap(indexes[comp].modules[name])
-            where = f"{spec.source}: '{patch.original_key}' → {comp + '.' if comp else ''}{name}"
             try:
-                if not isinstance(module, PATCHABLE):
-                    raise ShapeError(f"{where}: a {type(module).__name__} cannot be adapted (Linear and Conv only)")
-                patch.params.check(module.weight.shape, where=where)
+                hits = _place(patch, comp, indexes[comp], comps[comp], spec.source)
             except ShapeError as e:
                 clash = clash or e
                 continue
-            hit = Target(patch=patch, component=comp, module_name=name, module=module, root=comps[comp])
-            break
-        if hit is None:
+            if hits is not None:
+                break
+        if hits is None:
             if clash is not None:
                 clashes.append(clash)
             else:
                 missing[patch.component].append(patch)
             continue
-        key = (hit.component, hit.module_name)
-        if key in seen:
-            raise FormatError(
-                f"{spec.source}: keys '{seen[key]}' and '{patch.original_key}' both adapt "
-                f"{hit.component + '.' if hit.component else ''}{hit.module_name}"
-            )
-        seen[key] = patch.original_key
-        found.append(hit)
+        for hit in hits:
+            key = (hit.component, hit.module_name)
+            if key in seen:
+                raise FormatError(
+                    f"{spec.source}: keys '{seen[key]}' and '{patch.original_key}' both adapt "
+                    f"{hit.component + '.' if hit.component else ''}{hit.module_name}"
+                )
+            seen[key] = patch.original_key
+            found.append(hit)
     if missing or clashes:
         _report(target, spec, found, missing, clashes, strict=strict)
     return found
 
 
+def model_family(target: Any) -> str:
+    """flux | sd3 | wan | qwen from the denoiser's class; else :func:`pipeline_family`."""
+    comps = components(target)
+    for comp in ("transformer", ""):
+        fam = dit.family_of_model(comps.get(comp))
+        if fam:
+            return fam
+    return pipeline_family(target)
+
+
+def _same_family(file_family: str, model: str) -> bool:
+    generic = {"dit"} | set(dit.FAMILY_NAMES)
+    return file_family in ("unknown", model) or model == "unknown" or (
+        (file_family == "dit" and model in generic) or (model == "dit" and file_family in generic))
+
+
+def _family_label(family: str) -> str:
+    return dit.FAMILY_NAMES.get(family, family)
+
+
 def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
-    file_family, model_family = guess_family(spec), pipeline_family(target)
-    other_family = file_family not in ("unknown", model_family) and model_family != "unknown"
+    file_family, fam = guess_family(spec), model_family(target)
+    other_family = not _same_family(file_family, fam)
     if clashes and not missing and not other_family:
         raise clashes[0]  # a genuine shape error on a model the file is made for
     resolved_comps = Counter(t.patch.component for t in found)
@@ -144,19 +197,32 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
     if isinstance(target, nn.Module) and found and not clashes and all(resolved_comps.get(c, 0) == 0 for c in missing):
         warnings.warn(f"{spec.source}: skipped components {sorted(missing)} that do not fit this module", stacklevel=4)
         return
+    comps = components(target)
+    denoiser = next((c for c in DENOISERS if c in comps), None)
+
+    def shown(c: str) -> str:  # kohya's lora_unet_ names the denoiser, whatever the model calls it
+        if c == ANY:
+            return "none named"
+        return f"{denoiser} (lora_unet_ keys)" if c == "unet" and denoiser == "transformer" else c
+
     keys = [p.original_key for ps in missing.values() for p in ps]
-    hint = f" The file looks made for {file_family}" if file_family != "unknown" else ""
+    hint = f" The file looks made for {_family_label(file_family)}" if file_family != "unknown" else ""
     if hint and other_family:
-        hint += f"; the model looks like {model_family}"
+        hint += f"; the model is {_family_label(fam)}"
     parts = []
     if keys:
         parts.append(f"{len(keys)} of {len(spec.patches)} adapter modules match no module of the model "
-                     f"(components {sorted(missing)}), e.g. {keys[:5]}")
+                     f"(components {sorted(shown(c) for c in missing)}), e.g. {keys[:5]}")
     if clashes:
         parts.append(f"{len(clashes)} match modules of another shape, e.g. {clashes[0]}")
-    msg = f"{spec.source}: " + "; ".join(parts) + (hint + "." if hint else "")
-    if not found:
-        raise KeyMappingError(msg)
+    layout = f"{spec.layout} layout; " if spec.layout else ""
+    msg = f"{spec.source}: {layout}" + "; ".join(parts) + "." + (hint + "." if hint else "")
+    # the denoiser part of the file matching nothing is not "the rest": never load only the text encoders
+    denoiser_lost = any(c in DENOISERS for c in missing) and not any(
+        t.component in DENOISERS for t in found) and not isinstance(target, nn.Module)
+    if not found or denoiser_lost:
+        raise KeyMappingError(msg + (f" None of the file's {denoiser or 'denoiser'} modules match, so nothing "
+                                     "was loaded." if found else ""))
     if strict or clashes:
         raise KeyMappingError(msg + (" Pass strict=False to load the rest." if not clashes else ""))
     warnings.warn(msg, stacklevel=4)

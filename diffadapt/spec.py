@@ -28,6 +28,21 @@ class RawAdapter:
     files: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Fused:
+    """A file module that stands for several model modules stacked along the output axis.
+
+    Flux's ``img_attn.qkv`` is diffusers' ``to_q``, ``to_k``, ``to_v``; its single blocks' ``linear1`` is
+    ``to_q, to_k, to_v, proj_mlp``; SD3's ``context_block.attn.qkv`` is ``add_q/k/v_proj``. Row counts come
+    from the model at resolve time; each method slices its own tensors (``take_rows`` in ``methods/<m>.py``).
+    ``native_modulation``: the file uses the original (shift, scale) order of adaLN modulations, so a target
+    that diffusers builds as ``AdaLayerNormContinuous`` (scale, shift) takes the two halves exchanged.
+    """
+
+    modules: tuple[str, ...]  # model module paths (dotted, inside the component), in row order
+    native_modulation: bool = False
+
+
 @dataclass
 class ModuleGroup:
     """All tensors of one adapted module, keyed by their suffix (``lora_down.weight``, ``alpha``, ...)."""
@@ -39,6 +54,8 @@ class ModuleGroup:
     tensors: dict[str, torch.Tensor]
     keys: dict[str, str]  # suffix -> full original key, for error messages
     config: dict[str, Any] | None = None  # PEFT config with rank/alpha patterns resolved for this module
+    fused: Fused | None = None  # set by keys/dit.py when the file module is several model modules
+    native: str | None = None  # the module name as the file spelt it, when keys/dit.py translated it
 
 
 @dataclass
@@ -53,6 +70,8 @@ class ModulePatch:
     dotted: bool = True  # module_key uses '.' (PEFT/diffusers) rather than kohya '_'
     module: str | None = None  # resolved module path inside the component, once mapped to a model
     original_key: str = ""
+    fused: Fused | None = None  # several model modules (rows sliced per module at resolve time)
+    native: str | None = None  # the file's own module name when keys/dit.py translated it (BFL / MMDiT / Wan)
 
 
 @dataclass
@@ -62,6 +81,8 @@ class AdapterSpec:
     source: str
     metadata: dict[str, str] = field(default_factory=dict)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    family: str | None = None  # model family the key names identify (flux, sd3, wan, qwen), if any
+    layout: str | None = None  # e.g. "Flux kohya", "Wan ComfyUI": how the file names modules, for messages
 
 
 @dataclass
@@ -78,12 +99,13 @@ class AdapterInfo:
     alphas: dict[float, int]
     params: int
     dtype: str
-    base_family: str  # sd1 | sdxl | dit | unknown
+    base_family: str  # sd1 | sd2 | sdxl | flux | sd3 | wan | qwen | dit (a DiT the names do not tell) | unknown
     trigger_words: list[str] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
     weight: Any = 1.0
     mode: str | None = None
     enabled: bool = True
+    layout: str | None = None  # DiT files: how the file names modules ("Flux kohya", "Wan ComfyUI" …)
 
     def summary(self) -> str:
         def fmt(d):
@@ -91,7 +113,7 @@ class AdapterInfo:
 
         lines = [
             f"source      {self.source}",
-            f"format      {self.format}",
+            f"format      {self.format}" + (f" ({self.layout} layout)" if self.layout else ""),
             f"base        {self.base_family}",
             f"methods     {fmt(self.methods)}",
             f"components  {fmt(self.components)}",

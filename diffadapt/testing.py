@@ -11,11 +11,10 @@ from configs written below and filled from a seeded ``torch.Generator``:
   one tensor at a time, so even the real-size UNets build in seconds and never
   hold two copies of their weights.
 
-Tiny pipelines (SD1, SDXL, SD3-style DiT) build in a fraction of a second and
-run a 2-step generation in well under a second on CPU.  Real-size builders
-(:func:`sd15_unet`, :func:`sd15_text_encoder`, :func:`sdxl_unet`) use the exact
-published configs; pass ``device="meta"`` to get the architecture without
-allocating any weights (e.g. to count parameters).
+Tiny pipelines (SD1, SDXL, SD3-style DiT, Flux, Wan, Qwen-Image) build in a fraction of a second and
+run a 2-step generation in well under a second on CPU.  Real-size builders live in
+:mod:`diffadapt.architectures` (:func:`sd15_unet`, :func:`sd15_text_encoder`, :func:`sdxl_unet` are
+re-exported here); pass ``device="meta"`` to get an architecture without allocating any weights.
 """
 
 from __future__ import annotations
@@ -35,13 +34,32 @@ from diffusers import (
     AutoencoderKL,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
+    WanPipeline,
+    WanTransformer3DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from .architectures import _build, sd15_text_encoder, sd15_unet, sdxl_unet  # noqa: F401  (real-size: re-exported)
 
@@ -49,6 +67,9 @@ __all__ = [
     "tiny_sd1_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_dit_pipeline",
+    "tiny_flux_pipeline",
+    "tiny_wan_pipeline",
+    "tiny_qwen_image_pipeline",
     "sd15_unet",
     "sd15_text_encoder",
     "sdxl_unet",
@@ -129,6 +150,36 @@ def _clip_config(*, hidden: int, projection: int, pad_token: str = _EOS) -> CLIP
         num_attention_heads=4, max_position_embeddings=77, projection_dim=projection, hidden_act="quick_gelu",
         bos_token_id=vocab[_BOS], eos_token_id=vocab[_EOS], pad_token_id=vocab[pad_token],
     )
+
+
+@functools.cache
+def _t5_vocab() -> list[tuple[str, float]]:
+    """A SentencePiece-style unigram vocabulary: T5's special ids first, whole words, then single characters."""
+    import string
+
+    chars = sorted(set(string.printable) - set(string.whitespace))
+    return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *(("\u2581" + w, -1.0) for w in _WORDS),
+            ("\u2581", -2.0), *((c, -5.0) for c in chars)]
+
+
+def _t5_tokenizer(*, max_length: int = 512) -> T5TokenizerFast:
+    """A T5 tokenizer (``</s>`` appended, ``<pad>`` = 0) built in code from :func:`_t5_vocab`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.Unigram(_t5_vocab(), unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def _t5_config(*, d_model: int) -> T5Config:
+    return T5Config(vocab_size=len(_t5_vocab()), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                    is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+                    decoder_start_token_id=0)
 
 
 # --------------------------------------------------------------------------- tiny pipelines
@@ -227,6 +278,99 @@ def tiny_dit_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, devi
         text_encoder=text_encoder, tokenizer=_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=_tokenizer(),
         text_encoder_3=None, tokenizer_3=None,
     ))
+
+
+def tiny_flux_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> FluxPipeline:
+    """Flux-dev-shaped pipeline: CLIP-L-like ``text_encoder``, T5 ``text_encoder_2``, guidance embedding.
+
+    Two double-stream and two single-stream blocks (width 16, 2 heads of 8), so the fused projections of
+    Flux files (``img_attn.qkv`` → ``to_q/k/v``, single ``linear1`` → ``to_q/k/v`` + ``proj_mlp`` of width 64)
+    are exercised on every block kind. The VAE has 4 latent channels (16 after Flux's 2×2 packing).
+    Default image 16×16; pass ``max_sequence_length`` (≤ 512) to shorten the T5 stream.
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+
+    transformer = build("transformer", lambda: FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+    ))
+    text_encoder = build("text_encoder", lambda: CLIPTextModel(_clip_config(hidden=32, projection=32)))
+    text_encoder_2 = build("text_encoder_2", lambda: T5EncoderModel(_t5_config(d_model=32)))
+    vae = build("vae", lambda: AutoencoderKL(**_tiny_vae(
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+        tokenizer=_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=_t5_tokenizer(), transformer=transformer,
+    )
+    pipe.default_sample_size = 8  # the pipeline's default image is default_sample_size × vae scale factor
+    return _finish(pipe)
+
+
+def tiny_wan_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> WanPipeline:
+    """Wan-2.1-shaped text-to-video pipeline: T5 text encoder, 3-D VAE, two Wan blocks (2 heads of 12).
+
+    Pass ``height=16, width=16, num_frames=5`` to generate (the pipeline's defaults are Wan's real sizes).
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+
+    transformer = build("transformer", lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ))
+    text_encoder = build("text_encoder", lambda: T5EncoderModel(_t5_config(d_model=32)))
+    vae = build("vae", lambda: AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                                temperal_downsample=[False, True, True]))
+    return _finish(WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
+                               scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0)))
+
+
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def _qwen_tokenizer() -> Qwen2Tokenizer:
+    """Byte-level BPE over the 256 byte symbols plus Qwen's chat markers (the pipeline's prompt template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(_QWEN_SPECIALS))
+    return Qwen2Tokenizer(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                          bos_token=None)
+
+
+def tiny_qwen_image_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32,
+                             device="cpu") -> QwenImagePipeline:
+    """Qwen-Image-shaped pipeline: a two-layer Qwen2.5-VL text encoder (width 16), two Qwen-Image blocks.
+
+    Default image 16×16.
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+    tokenizer = _qwen_tokenizer()
+    n = len(tokenizer)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=n, rope_theta=1e6,
+                         rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                         bos_token_id=None, eos_token_id=n - 1, pad_token_id=n - 3),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        hidden_size=16, vocab_size=n, vision_start_token_id=n, image_token_id=n, video_token_id=n,
+        vision_end_token_id=n,
+    )
+    transformer = build("transformer", lambda: QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=3,
+        joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    ))
+    text_encoder = build("text_encoder", lambda: Qwen2_5_VLForConditionalGeneration(config))
+    vae = build("vae", lambda: AutoencoderKLQwenImage(base_dim=4 * 6, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                                      temperal_downsample=[False, True], latents_mean=[0.0] * 4,
+                                                      latents_std=[1.0] * 4))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer)
+    pipe.default_sample_size = 4  # default image: 4 × vae scale factor (4) = 16
+    return _finish(pipe)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -18,7 +18,9 @@ from typing import Callable
 import torch
 
 from ..errors import UnsupportedError
-from ..keys.kohya import COMPONENT_PREFIX, SDXL_COMPONENT_PREFIX, diffusers_to_ldm, is_ldm_unet_name
+from ..keys.kohya import (
+    COMPONENT_PREFIX, FLUX_COMPONENT_PREFIX, SDXL_COMPONENT_PREFIX, diffusers_to_ldm, is_ldm_unet_name,
+)
 from ..methods.base import Params
 from . import Item, cast
 
@@ -53,7 +55,8 @@ def sdxl_ldm(flat: str) -> str | None:
 def kohya_key(item: Item, *, family: str, bare_prefix: str = "lycoris_",
               to_ldm: Callable[[str], str | None] | None = None) -> str:
     """The kohya module key (without suffix) of one item."""
-    table = SDXL_COMPONENT_PREFIX if family in ("sdxl", "dit") else COMPONENT_PREFIX
+    table = FLUX_COMPONENT_PREFIX if family == "flux" else \
+        SDXL_COMPONENT_PREFIX if family in ("sdxl", "dit", "sd3") else COMPONENT_PREFIX
     prefix = table.get(item.component, bare_prefix)
     flat = item.module.replace(".", "_") if item.dotted else item.module
     if (item.component in TEXT_ENCODERS or prefix.startswith("lora_te")) and flat.startswith("encoder_layers_"):
@@ -65,9 +68,10 @@ def kohya_key(item: Item, *, family: str, bare_prefix: str = "lycoris_",
 
 # -- metadata and file -------------------------------------------------------------------------------
 
-_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "dit": "sd3"}
+_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "dit": "sd3", "sd3": "sd3",
+                 "flux": "flux1"}
 _ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base",
-         "dit": "stable-diffusion-3-medium"}
+         "dit": "stable-diffusion-3-medium", "sd3": "stable-diffusion-3-medium", "flux": "flux-1-dev"}
 PEFT_ONLY_METADATA = ("peft_config", "lora_adapter_metadata")
 
 

@@ -10,9 +10,9 @@ from collections import Counter
 import torch
 
 from ..errors import DiffAdaptError, FormatError, NonFiniteError
-from ..methods import ALL_SUFFIXES, ParseContext, detect
+from ..methods import ALL_SUFFIXES, BY_NAME, ParseContext, detect, full
 from ..spec import COMPONENTS, AdapterSpec, ModuleGroup, ModulePatch, RawAdapter
-from . import kohya, peft
+from . import dit, kohya, peft
 from .diffusers import rewrite_legacy
 from .index import ModuleIndex
 
@@ -36,6 +36,9 @@ def classify(module: str) -> tuple[str, str, bool, str]:
             component, rest = hit
             return component, rest, False, "lycoris" if component == ANY else "kohya"
         return ANY, module, False, "kohya"
+    hit = dit.split_dotted_prefix(module)
+    if hit:
+        return hit[0], hit[1], True, "diffusers"
     head, _, rest = module.partition(".")
     component = ANY
     if head in COMPONENTS:
@@ -101,7 +104,13 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
         raise FormatError(f"{raw.source}: no tensors")
     patches = []
     configs = configs_of(raw)
-    for g in split(raw, configs):
+    groups = split(raw, configs)
+    family = dit.family_of_keys(g.module_key for g in groups)
+    layout = None
+    if family is not None:
+        layout = dit.layout_name(family, groups, list(raw.tensors))
+        dit.translate(groups, family)
+    for g in groups:
         suffix0, key0 = next(iter(g.keys.items()))
         # the module part of the key as written in the file (legacy diffusers keys are shown whole)
         first_key = key0[: -len(suffix0) - 1] if key0.endswith("." + suffix0) else key0
@@ -113,20 +122,23 @@ def build_spec(raw: RawAdapter, *, check_finite: bool = True) -> AdapterSpec:
                 # a finite sum proves every value finite; only a non-finite sum needs the full scan
                 if t.is_floating_point() and not torch.isfinite(t.sum()) and not bool(torch.isfinite(t).all()):
                     raise NonFiniteError(f"{raw.source}: tensor '{g.keys[suffix]}' has NaN or Inf values")
-        method = detect(set(g.tensors), where=where)
+        bias_only = set(g.tensors) == {"diff_b"}  # ComfyUI-format Wan files: a bias trained alone
+        method = BY_NAME["full"] if bias_only else detect(set(g.tensors), where=where)
         unknown = set(g.tensors) - method.suffixes
         if unknown:
             raise FormatError(f"{where}: keys {sorted(g.keys[s] for s in unknown)} do not belong to {method.name}")
+        parse = full.parse_bias if bias_only else method.parse
         try:
-            params = method.parse(g.tensors, ParseContext(where=where, fmt=g.fmt, config=g.config))
+            params = parse(g.tensors, ParseContext(where=where, fmt=g.fmt, config=g.config))
         except (IndexError, RuntimeError, ValueError, TypeError, ZeroDivisionError) as e:
             if isinstance(e, DiffAdaptError):
                 raise
             raise FormatError(f"{where}: malformed {method.name} tensors: {type(e).__name__}: {e}") from e
         patches.append(
             ModulePatch(component=g.component, module_key=g.module_key, method=method.name, params=params,
-                        fmt=g.fmt, dotted=g.dotted, original_key=first_key)
+                        fmt=g.fmt, dotted=g.dotted, original_key=first_key, fused=g.fused, native=g.native)
         )
     fmts = Counter(p.fmt for p in patches)
     fmt = fmts.most_common(1)[0][0]
-    return AdapterSpec(patches=patches, fmt=fmt, source=raw.source, metadata=raw.metadata, configs=configs)
+    return AdapterSpec(patches=patches, fmt=fmt, source=raw.source, metadata=raw.metadata, configs=configs,
+                       family=family, layout=layout)

@@ -23,6 +23,8 @@ PREFIXES: tuple[tuple[str, str], ...] = (
 COMPONENT_PREFIX = {"unet": "lora_unet_", "transformer": "lora_transformer_", "text_encoder": "lora_te_",
                     "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}
 SDXL_COMPONENT_PREFIX = {**COMPONENT_PREFIX, "text_encoder": "lora_te1_"}
+# sd-scripts' Flux: CLIP-L is te1, T5 te3 (Flux pipelines keep T5 in text_encoder_2)
+FLUX_COMPONENT_PREFIX = {**SDXL_COMPONENT_PREFIX, "text_encoder_2": "lora_te3_"}
 
 
 def split_prefix(name: str) -> tuple[str, str] | None:

@@ -207,3 +207,22 @@ METHOD = MethodDef(
     parse=parse,
     peft_type="LOHA",
 )
+
+
+# -- fused projections (keys/fused.py): the rows of ΔW one model module takes ------------------------
+
+
+def take_rows(p: LoHaParams, rows: torch.Tensor, shape: torch.Size, *, where: str) -> LoHaParams:
+    """ΔW[rows] = s·(w1a[rows]@w1b) ⊙ (w2a[rows]@w2b): each Hadamard factor keeps its rows (Tucker: the a
+    factors are (r, out), so their columns). DoRA as LoRA: output-row magnitudes slice, input-column ones do not."""
+    import dataclasses
+
+    if p.magnitude is not None and not p.dora_on_out:
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"{where}: DoRA normalised over input columns (old layout) spans all the fused "
+                               "modules' rows; it cannot be split into them")
+    mag = None if p.magnitude is None else p.magnitude[rows]
+    if p.t1 is not None:
+        return dataclasses.replace(p, w1_a=p.w1_a[:, rows], w2_a=p.w2_a[:, rows], magnitude=mag)
+    return dataclasses.replace(p, w1_a=p.w1_a[rows], w2_a=p.w2_a[rows], magnitude=mag)

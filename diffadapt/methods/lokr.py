@@ -343,3 +343,33 @@ METHOD = MethodDef(
     parse=parse,
     peft_type="LOKR",
 )
+
+
+# -- fused projections (keys/fused.py): the rows of ΔW one model module takes ------------------------
+
+
+def take_rows(p: LoKrParams, rows: torch.Tensor, shape: torch.Size, *, where: str) -> Params:
+    """Rows of s·kron(w1, w2): row i·c+j is w1[i] ⊗ w2[j], so whole blocks of c rows are rows of w1 (the
+    result stays a LoKr); any other cut is the exact row slice of ΔW, as ``full`` params (patch mode only)."""
+    import dataclasses
+
+    from .full import FullParams
+
+    (_, _), (c, _) = p.kron_shapes
+    aligned = rows.numel() % c == 0 and not (p.peft_kron and p.w2 is not None and p.w2.dim() == 3)
+    if aligned:
+        blocks = rows.reshape(-1, c)
+        aligned = bool((blocks[:, 0] % c == 0).all()) and torch.equal(
+            blocks - blocks[:, :1], torch.arange(c, device=rows.device).expand_as(blocks))
+    mag = None if p.magnitude is None else p.magnitude[rows]
+    if aligned:
+        idx = rows.reshape(-1, c)[:, 0] // c
+        if p.w1 is not None:
+            return dataclasses.replace(p, w1=p.w1[idx], magnitude=mag)
+        return dataclasses.replace(p, w1_a=p.w1_a[idx], magnitude=mag)
+    if p.magnitude is not None:
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"{where}: a DoRA LoKr whose Kronecker blocks ({c} rows) straddle the fused "
+                               "modules cannot be split")
+    return FullParams(diff=p.delta(shape)[rows])

@@ -55,12 +55,16 @@ class LoRAParams(DoRA, AlphaOverRank, Params):
     magnitude: torch.Tensor | None = None  # DoRA m; (out,…) or (1, in,…)
     dora_on_out: bool = True
     dora_eps: float = 0.0
+    bias: torch.Tensor | None = None  # Δb written beside the LoRA ('diff_b', ComfyUI / Wan trainers); not scaled
 
     additive: ClassVar[bool] = True
 
     @property
     def rank(self) -> int:
         return int(self.down.shape[0])
+
+    def bias_delta(self) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.reshape(-1)
 
     def _in_numel(self) -> int:
         if self.mid is None:
@@ -70,6 +74,8 @@ class LoRAParams(DoRA, AlphaOverRank, Params):
     def check(self, shape: torch.Size, *, where: str) -> None:
         expect_fit(self.up.shape[0], self._in_numel(), shape, where=where, what=f"LoRA (rank {self.rank})")
         self.check_magnitude(shape, where=where)
+        if self.bias is not None and self.bias.numel() != shape[0]:
+            raise ShapeError(f"{where}: 'diff_b' has {self.bias.numel()} values, the module has {shape[0]} outputs")
 
     def delta(self, shape: torch.Size) -> torch.Tensor:
         return reshape_to(lora_delta(self.up, self.down, self.mid, self.scale), shape)
@@ -94,9 +100,12 @@ class LoRAParams(DoRA, AlphaOverRank, Params):
         t = {"lora_down.weight": self.down, "lora_up.weight": self.up}
         if self.mid is not None:
             t["lora_mid.weight"] = self.mid
-        return t | {"alpha": kohya_scalar(self.alpha)} | self.kohya_dora(ndim or self.up.dim())
+        bias = {} if self.bias is None else {"diff_b": self.bias}
+        return t | {"alpha": kohya_scalar(self.alpha)} | self.kohya_dora(ndim or self.up.dim()) | bias
 
     def to_peft(self, *, kind: str | None, shape: tuple[int, ...] | None, where: str, inject: bool) -> PeftEntry:
+        if self.bias is not None:
+            raise refuse(where, "a LoRA with a bias delta ('diff_b'); peft's lora_bias scales it with the LoRA")
         if self.magnitude is not None and not self.dora_on_out:
             raise refuse(where, "DoRA normalised over the input axis (older LyCORIS/kohya files); peft's DoRA "
                                 "normalises each output row")
@@ -124,6 +133,8 @@ def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> LoRAParams:
         alpha = float(cfg.get("lora_alpha", cfg.get("alpha", r)))
         if cfg.get("use_rslora"):
             alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha/√r; store the alpha/r-equivalent
+        if "alpha" in t:  # a per-module alpha tensor (kohya-style trainers writing diffusers names) wins
+            alpha = scalar(t["alpha"], where=ctx.where)
         mag = t.get("lora_magnitude_vector", t.get("lora_magnitude_vector.weight"))
         return LoRAParams(down=down, up=up, alpha_value=alpha, magnitude=mag, dora_on_out=True, dora_eps=0.0)
 
@@ -146,6 +157,7 @@ def parse(t: dict[str, torch.Tensor], ctx: ParseContext) -> LoRAParams:
         magnitude=mag,
         dora_on_out=on_out,
         dora_eps=torch.finfo(torch.float32).eps,
+        bias=t.get("diff_b"),
     )
 
 
@@ -154,10 +166,29 @@ METHOD = MethodDef(
     suffixes=frozenset(
         {
             "lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale",
-            "lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight",
+            "lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_magnitude_vector.weight", "diff_b",
         }
     ),
     markers=frozenset({"lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight"}),
     parse=parse,
     peft_type="LORA",
 )
+
+
+# -- fused projections (keys/fused.py): the rows of ΔW one model module takes ------------------------
+
+
+def take_rows(p: LoRAParams, rows: torch.Tensor, shape: torch.Size, *, where: str) -> LoRAParams:
+    """ΔW[rows] = s·up[rows] @ (mid) @ down: the down factor (and a Tucker core) is shared, ``up`` is sliced.
+    DoRA on output rows normalises each row alone, so its magnitude is sliced too; on input columns the norm
+    mixes every fused module's rows and cannot be split."""
+    if p.magnitude is not None and not p.dora_on_out:
+        from ..errors import UnsupportedError
+
+        raise UnsupportedError(f"{where}: DoRA normalised over input columns (old layout) spans all the fused "
+                               "modules' rows; it cannot be split into them")
+    import dataclasses
+
+    mag = None if p.magnitude is None else p.magnitude[rows]
+    bias = None if p.bias is None else p.bias.reshape(-1)[rows]
+    return dataclasses.replace(p, up=p.up[rows], magnitude=mag, bias=bias)

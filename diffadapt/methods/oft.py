@@ -357,3 +357,34 @@ PEFT_METHOD = MethodDef(
     parse=parse_peft,
     peft_type="OFT",
 )
+
+
+# -- fused projections (keys/fused.py): the rows of ΔW one model module takes ------------------------
+
+
+def take_rows(p: OFTParams, rows: torch.Tensor, shape: torch.Size, *, where: str) -> OFTParams:
+    """Diag-OFT rotates output rows in blocks of b: whole blocks belong to one fused module. The norm clamp
+    is over the whole Q, so it is applied here (Q scales linearly with the blocks) and the parts get none."""
+    import dataclasses
+
+    if p.butterfly:
+        raise UnsupportedError(f"{where}: BOFT's butterfly stages mix rows across the fused modules; "
+                               "it cannot be split into them")
+    n, b, _ = p.blocks.shape
+    blocks = rows.reshape(-1, b) if rows.numel() % b == 0 else None
+    if blocks is None or not (bool((blocks[:, 0] % b == 0).all()) and torch.equal(
+            blocks - blocks[:, :1], torch.arange(b, device=rows.device).expand_as(blocks))):
+        raise UnsupportedError(f"{where}: OFT blocks of {b} rows straddle the fused modules' row boundaries")
+    factor = 1.0
+    if p.constraint > 0:
+        q = p.blocks.float() - p.blocks.float().transpose(-1, -2)
+        norm, limit = float(torch.norm(q)) + 1e-8, p.constraint * p.out_features
+        if norm > limit:
+            factor = limit / norm
+    return dataclasses.replace(p, blocks=p.blocks[blocks[:, 0] // b] * factor, constraint=0.0,
+                               rescale=None if p.rescale is None else p.rescale.reshape(-1)[rows])
+
+
+def take_rows_peft(p: PeftOFTParams, rows: torch.Tensor, shape: torch.Size, *, where: str) -> PeftOFTParams:
+    """PEFT OFT rotates the input side (W·Rᵀ): every row keeps the same rotation."""
+    return p

@@ -146,3 +146,13 @@ METHOD = MethodDef(
     parse=parse,
     peft_type="WAVEFT",
 )
+
+
+# -- fused projections (keys/fused.py): the rows of ΔW one model module takes ------------------------
+
+
+def take_rows(p: WaveFTParams, rows, shape: torch.Size, *, where: str):
+    """The spectrum's positions are drawn over the whole matrix: the exact rows of ΔW, as ``full`` params."""
+    from .full import FullParams
+
+    return FullParams(diff=p.delta(shape)[rows])
