@@ -5,7 +5,7 @@ Two kohya LoRAs made by LyCORIS on every attention, resnet, sampler, conv_in/out
 of ``--repeats`` rounds after one warm-up round (diffadapt's two sides interleaved), a round swapping
 A → B and B → A:
 
-* diffadapt: ``da.hotswap(pipe, "x", path)`` (patch mode: the fused weights are rewritten in place);
+* diffadapt: ``da.hotswap(pipe, path, "x")`` (patch mode: the fused weights are rewritten in place);
 * diffadapt: ``da.unload(pipe, "x")`` + ``da.load(pipe, path, "x")``;
 * diffadapt: ``da.hotswap`` of the same files loaded with ``mode="inject"`` after ``da.prepare_hotswap(pipe,
   max_rank=16)`` (unfused peft layers: the factors are copied into zero-padded rank-16 parameters);
@@ -102,7 +102,7 @@ def main() -> None:
         da.load(pipe, paths["a"], "x")
         touched = {t.module for t in registry(pipe).adapters["x"].targets}
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in touched)
-        timing = swap_rounds({"hotswap": lambda p: da.hotswap(pipe, "x", p), "reload": lambda p: reload(pipe, p)},
+        timing = swap_rounds({"hotswap": lambda p: da.hotswap(pipe, p, "x"), "reload": lambda p: reload(pipe, p)},
                              paths)
         ours, ours_reload = timing["hotswap"], timing["reload"]
         print(f"  diffadapt hotswap, unload + load done ({time.perf_counter() - t_start:.0f} s)", flush=True)
@@ -113,7 +113,7 @@ def main() -> None:
                     m.weight.data.copy_(patch.existing_slot(m).original)
         floor = common.median(common.run_rounds({"copy": copy_round}, repeats=ARGS.repeats)["copy"]["copy"])
 
-        da.hotswap(pipe, "x", paths["b"])  # check: swapped weights == a fresh load; keep layer outputs
+        da.hotswap(pipe, paths["b"], "x")  # check: swapped weights == a fresh load; keep layer outputs
         swapped = {n: pipe.unet.get_submodule(n).weight.detach().clone() for n in CHECKED}
         ours_out = layer_outputs(pipe.unet)
         reload(pipe, paths["b"])
@@ -122,7 +122,7 @@ def main() -> None:
 
         da.load(pipe, paths["a"], "x", mode="inject")
         da.prepare_hotswap(pipe, max_rank=16)
-        inject = swap_rounds({"inject": lambda p: da.hotswap(pipe, "x", p)}, paths)["inject"]
+        inject = swap_rounds({"inject": lambda p: da.hotswap(pipe, p, "x")}, paths)["inject"]
         da.unload(pipe)
         print(f"  diffadapt inject-mode hotswap done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,10 @@ from torch import nn
 
 from . import backends, io
 from .backends.storage import check_backup
-from .errors import AdapterNotFoundError, DiffAdaptError
+from .errors import AdapterNotFoundError, NameInUseError
 from .info import summarize
 from .keys import build_spec
-from .mixing import component_counts
+from .mixing import adapter_names, component_counts
 from .pipeline import Loaded, registry, resolve, tensor_bound
 from .spec import AdapterInfo, AdapterSpec
 from .transaction import writing
@@ -70,12 +71,12 @@ def load(
     reg = registry(target)
     with reg.lock:  # an early answer, before reading a file; checked again when writing
         if name is not None and name in reg.adapters:
-            raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
+            raise NameInUseError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
     weight = validate_weight(weight, where="weight", counts=component_counts(target))
     spec = read_spec(source, allow_pickle=allow_pickle, target=target)  # file and hub I/O: outside the lock
     with reg.lock:
         if name is not None and name in reg.adapters:
-            raise DiffAdaptError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
+            raise NameInUseError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
         targets = resolve(target, spec, strict=strict)
         name = name or _default_name(source, reg.adapters)
         info = summarize(spec, name=name)
@@ -88,18 +89,27 @@ def load(
         return info
 
 
-def unload(target: Any, name: str | None = None) -> None:
-    """Remove one adapter (or all); base weights come back bit-exactly. A failed unload changes nothing."""
+def unload(target: Any, *names: str, name: str | None = None) -> None:
+    """Remove the named adapters (all when none is named); base weights come back bit-exactly.
+
+    Names are checked before anything is removed, and a failed unload changes nothing. ``name=`` is the old
+    keyword, still accepted.
+    """
+    if name is not None:
+        warnings.warn("unload(target, name=...) is deprecated; pass names positionally: unload(target, *names)",
+                      DeprecationWarning, stacklevel=2)
+        names = (*names, name)
     reg = registry(target)
     with reg.lock:
-        names = list(reg.adapters) if name is None else [name]
-        missing = [n for n in names if n not in reg.adapters]
+        wanted = adapter_names(names) or list(reg.adapters)
+        missing = [n for n in wanted if n not in reg.adapters]
         if missing:
-            raise AdapterNotFoundError(f"no adapter named '{missing[0]}' is loaded (loaded: {sorted(reg.adapters)})")
+            raise AdapterNotFoundError(f"no adapter named {missing} is loaded (loaded: {sorted(reg.adapters)})")
+        wanted = [n for n in reg.adapters if n in set(wanted)]  # load order
         with writing(reg) as tx:
-            for n in reversed(names):  # newest first: each removal sees the stack it was loaded onto
+            for n in reversed(wanted):  # newest first: each removal sees the stack it was loaded onto
                 tx.remove(reg.adapters[n])
-            for n in names:
+            for n in wanted:
                 del reg.adapters[n]
 
 
@@ -112,3 +122,8 @@ def adapters(target: Any) -> dict[str, AdapterInfo]:
             loaded.info.weight, loaded.info.enabled, loaded.info.mode = loaded.weight, loaded.enabled, loaded.mode
             out[n] = loaded.info
     return out
+
+
+def get_weights(target: Any) -> dict[str, Any]:
+    """{name: weight} — shorthand for ``{n: info.weight for n, info in adapters(target).items()}``."""
+    return {n: info.weight for n, info in adapters(target).items()}

@@ -1,4 +1,4 @@
-"""Command line: ``diffadapt inspect FILE…``, ``diffadapt convert SRC DEST --to kohya|peft``,
+"""Command line: ``diffadapt inspect FILE…``, ``diffadapt convert SRC DEST --format kohya|peft``,
 ``diffadapt generate --prompt … --adapter FILE:W``, ``diffadapt merge A:W B:W --out M``, ``diffadapt studio``,
 ``diffadapt train …`` (diffusers' DreamBooth flags)."""
 
@@ -192,7 +192,7 @@ def _convert(args: argparse.Namespace) -> int:
     model = args.model
     if model is not None and model not in ("sd1", "sdxl"):
         model = _load_model(model, "cpu")[0]  # a diffusers folder / hub id / single file: its module names
-    for path in conversion.convert(args.source, args.dest, to=args.to, dtype=args.dtype, exclude=args.exclude,
+    for path in conversion.convert(args.source, args.dest, format=args.to, dtype=args.dtype, exclude=args.exclude,
                             model=model, allow_pickle=args.allow_pickle, overwrite=args.force):
         print(path)
     return 0
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert an adapter between kohya/LyCORIS and PEFT formats")
     p.add_argument("source", help="adapter file, folder or hub id")
     p.add_argument("dest", help="kohya: a .safetensors file; peft: a folder (one per component) or a .safetensors file")
-    p.add_argument("--to", required=True, choices=["kohya", "peft"])
+    p.add_argument("--format", "--to", dest="to", required=True, choices=["kohya", "peft"])
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="cast the tensors (default: keep)")
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="drop modules matching these shell patterns, e.g. 'text_encoder*' '*down_blocks_0_*'")
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target rank for svd/ties/dare (default: the sources' ranks added up)")
     p.add_argument("--density", type=_fraction, default=0.5, help="ties/dare: fraction of values kept, in (0, 1]")
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="dare's random pruning seed")
-    p.add_argument("--to", default="kohya", choices=["kohya", "peft"])
+    p.add_argument("--format", "--to", dest="to", default="kohya", choices=["kohya", "peft"])
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--model", help="sd1 | sdxl | diffusers folder (default: the first file's guessed family)")
     p.add_argument("--force", action="store_true", help="replace the output if it exists")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterable
@@ -191,16 +192,24 @@ def _write_format(items, dest, out, *, to, family, dtype, metadata, where, singl
     return write_peft(items, out, single_file=single, dtype=dtype, metadata=metadata, where=where)
 
 
-def convert(source: Any, dest: str | os.PathLike, *, to: str, dtype: Any = None, exclude: Iterable[str] = (),
-            model: Any = None, single_file: bool | None = None, allow_pickle: bool = False,
-            overwrite: bool = False) -> list[str]:
+def convert(source: Any, dest: str | os.PathLike, *, format: str | None = None, dtype: Any = None,
+            exclude: Iterable[str] = (), model: Any = None, single_file: bool | None = None,
+            allow_pickle: bool = False, overwrite: bool = False, to: str | None = None) -> list[str]:
     """Convert an adapter file/folder to kohya (one ``.safetensors``) or PEFT (a folder per component, or one
     ``.safetensors`` with the configs in its metadata when ``dest`` ends in ``.safetensors``).
 
     ``exclude``: shell-style patterns of modules to drop (see :func:`excluded`). ``model``: a pipeline,
     module or family name ('sd1', 'sdxl') to resolve kohya names for PEFT output; by default the file's
-    guessed family. Returns the paths written.
+    guessed family. Returns the paths written. ``to=`` is the old name of ``format=`` (deprecated).
     """
+    if to is not None:
+        warnings.warn("convert(..., to=) is deprecated; use format=, as save() does", DeprecationWarning, stacklevel=2)
+        if format is not None and format != to:
+            raise DiffAdaptError(f"format={format!r} and to={to!r} disagree; pass only format=")
+        format = to
+    if format is None:
+        raise DiffAdaptError(f"convert() needs format=, one of {list(FORMATS)}")
+    to = format
     path = _check_request(to, dest, overwrite)
     dtype = parse_dtype(dtype)
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)

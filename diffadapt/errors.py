@@ -46,8 +46,24 @@ class WriteError(DiffAdaptError, OSError):
     """A file or folder could not be written (disk full, permissions, a library error); nothing was left behind."""
 
 
-class AdapterNotFoundError(DiffAdaptError, KeyError):
-    """No adapter of that name is loaded."""
+class AdapterNotFoundError(DiffAdaptError, KeyError, ValueError):
+    """No adapter of that name is loaded (also a ValueError, which diffusers raises for unknown names)."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class NameInUseError(DiffAdaptError, ValueError):
+    """An adapter of that name is already loaded (unload it, or hotswap onto it)."""
+
+
+class WeightError(DiffAdaptError, ValueError):
+    """A weight specification that cannot be applied."""
+
+
+class PromptError(DiffAdaptError, ValueError):
+    """A ``<lora:…>`` tag whose arguments cannot be read (not a number, no name)."""
+
+
+class ComponentError(DiffAdaptError, ValueError):
+    """A pipeline component that does not exist or takes no adapters (e.g. in ``fuse_lora(components=…)``)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -58,14 +59,20 @@ def _loaded(target: Any, name: str) -> Loaded:
     return reg.adapters[name]
 
 
-def hotswap(target: Any, name: str, source: Any, *, allow_pickle: bool = False, strict: bool = True) -> AdapterInfo:
+def hotswap(target: Any, source: Any, name: str, *, allow_pickle: bool = False, strict: bool = True) -> AdapterInfo:
     """Replace the weights of loaded adapter ``name`` with those of ``source``; its weight and state stay.
 
-    The new file is read, mapped, checked and summarised before anything is written, and a failure while
-    writing is rolled back, so a failed hotswap changes nothing. It may use another method, rank or alpha,
-    and target other modules (text encoders included).
+    Arguments in ``load``'s order. The new file is read, mapped, checked and summarised before anything is
+    written, and a failure while writing is rolled back, so a failed hotswap changes nothing. It may use another
+    method, rank or alpha, and target other modules (text encoders included). The old order
+    ``hotswap(target, name, source)`` is still understood (with a DeprecationWarning) when ``source`` names a
+    loaded adapter and ``name`` does not.
     """
     reg = registry(target)
+    if isinstance(source, str) and source in reg.adapters and not (isinstance(name, str) and name in reg.adapters):
+        warnings.warn("hotswap(target, name, source) is deprecated; use load's order: hotswap(target, source, name)",
+                      DeprecationWarning, stacklevel=2)
+        source, name = name, source
     with reg.lock:
         _swapper(_loaded(target, name))  # answer early, before reading a file
     spec = read_spec(source, allow_pickle=allow_pickle, target=target)  # file and hub I/O: outside the lock

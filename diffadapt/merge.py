@@ -332,4 +332,4 @@ def merge_files(
         **result.metadata(),
     }
     spec = to_spec(result.params, source="merge", metadata=metadata)
-    return convert(spec, dest, to=to, dtype=dtype, model=target, overwrite=overwrite), result.error
+    return convert(spec, dest, format=to, dtype=dtype, model=target, overwrite=overwrite), result.error

@@ -36,6 +36,21 @@ def refresh(changed: list[Loaded]) -> None:
             tx.refresh(changed)
 
 
+def adapter_names(names: Iterable[Any]) -> list[str]:
+    """The names a verb was given as ``*names``: lists/tuples are flattened, ``None`` (the old "all") dropped."""
+    out: list[str] = []
+    for n in names:
+        if n is None:
+            continue
+        if isinstance(n, (list, tuple)):
+            out.extend(adapter_names(n))
+        elif isinstance(n, str):
+            out.append(n)
+        else:
+            raise TypeError(f"adapter names are strings, got {type(n).__name__}")
+    return list(dict.fromkeys(out))
+
+
 def set_weights(target: Any, weights: dict[str, Any]) -> None:
     """Set the weight of each named adapter (see ``diffadapt.weights`` for the accepted forms).
 
@@ -52,16 +67,10 @@ def set_weights(target: Any, weights: dict[str, Any]) -> None:
             tx.refresh(loaded)
 
 
-def get_weights(target: Any) -> dict[str, Any]:
-    reg = registry(target)
-    with reg.lock:
-        return {n: a.weight for n, a in reg.adapters.items()}
-
-
 def _set_enabled(target: Any, names: tuple[str, ...], value: bool) -> None:
     reg = registry(target)
     with reg.lock:
-        loaded = lookup(target, names or list(reg.adapters))
+        loaded = lookup(target, adapter_names(names) or list(reg.adapters))
         changed = [a for a in loaded if a.enabled != value]
         with writing(reg) as tx:
             for a in changed:

@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .errors import DiffAdaptError
+from .errors import PromptError
 
 __all__ = ["PromptError", "StackEntry", "ExtraNetwork", "ParsedPrompt", "parse", "tidy", "format_tag",
            "format_number", "LORA_KINDS"]
@@ -31,10 +31,6 @@ RE_EXTRA_NET = re.compile(r"<(\w+):([^>]+)>")
 LORA_KINDS = ("lora", "lyco")
 DENOISERS = ("unet", "transformer")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-class PromptError(DiffAdaptError, ValueError):
-    """A ``<lora:…>`` tag whose arguments cannot be read (not a number, no name)."""
 
 
 @dataclass(frozen=True)

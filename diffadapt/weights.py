@@ -7,6 +7,8 @@ Accepted forms (negative values allowed, 0 turns an adapter off where it applies
     {"unet": {"down": [0, .5, 1, 1], "mid": 1, "up": [1, 1, .5, 0], "default": 1}, "text_encoder": 0}
     {"transformer": {"blocks": [...], "single_blocks": [...]}, "text_encoder": {"layers": [...]}}
     {"default": 0.7, "unet": 1.0}                    "default" covers the components not named
+    {"unet": {"modules": {"down_blocks.1.attentions.0": 0.5}, "default": 1}}   per module (longest
+                                                     dotted prefix wins; used by diffusers' per-layer scales)
 
 A block weight applies to *every* layer of that block (resnets, attention, samplers), not only attention;
 modules outside any block (conv_in, time embedding, conv_out, …) take the block dict's "default" (1.0).
@@ -19,7 +21,7 @@ import math
 import re
 from typing import Any
 
-from .errors import DiffAdaptError
+from .errors import WeightError
 
 Weight = Any  # float | dict[str, float | dict[str, float | list[float]]]
 
@@ -33,10 +35,6 @@ _BLOCKS = {
     "layers": re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\."),
 }
 _COMPONENT_KEYS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "default")
-
-
-class WeightError(DiffAdaptError, ValueError):
-    """A weight specification that cannot be applied."""
 
 
 def _number(value: Any, *, where: str) -> float:
@@ -61,6 +59,10 @@ def validate(weight: Weight, *, where: str, counts: dict[str, dict[str, int]] | 
             w = f"{where}[{comp!r}][{kind!r}]"
             if kind == "default" or kind == "mid":
                 blocks[kind] = _number(v, where=w)
+            elif kind == "modules":
+                if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+                    raise WeightError(f"{w}: expected {{module path: number}}, got {v!r}")
+                blocks[kind] = {k: _number(x, where=f"{w}[{k!r}]") for k, x in v.items()}
             elif kind in _BLOCKS:
                 if isinstance(v, (list, tuple)):
                     blocks[kind] = [_number(x, where=f"{w}[{i}]") for i, x in enumerate(v)]
@@ -70,7 +72,7 @@ def validate(weight: Weight, *, where: str, counts: dict[str, dict[str, int]] | 
                 else:
                     blocks[kind] = _number(v, where=w)
             else:
-                raise WeightError(f"{w}: unknown block kind; use {sorted(_BLOCKS) + ['default']}")
+                raise WeightError(f"{w}: unknown block kind; use {sorted(_BLOCKS) + ['default', 'modules']}")
         out[comp] = blocks
     return out
 
@@ -91,6 +93,10 @@ def resolve(weight: Weight, component: str, module: str) -> float:
     value = weight.get(component, weight.get("default", 1.0))
     if not isinstance(value, dict):
         return value
+    if "modules" in value:
+        hit = _module_weight(value["modules"], module)
+        if hit is not None:
+            return hit
     hit = block_of(module)
     if hit is None or hit[0] not in value:
         return value.get("default", 1.0)
@@ -98,6 +104,18 @@ def resolve(weight: Weight, component: str, module: str) -> float:
     if isinstance(v, list):
         return v[hit[1]] if hit[1] is not None and hit[1] < len(v) else value.get("default", 1.0)
     return v
+
+
+def _module_weight(modules: dict[str, float], module: str) -> float | None:
+    """The weight of the longest dotted prefix of ``module`` named in ``modules``."""
+    if module in modules:
+        return modules[module]
+    parts = module.split(".")
+    for n in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in modules:
+            return modules[prefix]
+    return None
 
 
 def block_counts(modules: dict[str, Any]) -> dict[str, int]:

@@ -20,8 +20,7 @@ from diffadapt.cli import main
 from diffadapt.fixtures import lycoris_file, randomize_
 from diffadapt.testing import sd15_unet, tiny_sd1_pipeline
 
-peft = pytest.importorskip("peft")
-pytest.importorskip("lycoris")
+import peft  # noqa: E402
 from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, WaveFTConfig  # noqa: E402
 
 TOL = 1e-5
@@ -97,8 +96,8 @@ ROUND_TRIPS = [(c, "folder") for c in KOHYA] + [(c, "file") for c in ("lora", "d
 def test_kohya_peft_kohya_round_trip(pipe, tmp_path, case, peft_layout):
     src = kohya_src(pipe, tmp_path, **KOHYA[case])
     mid = tmp_path / ("peft.safetensors" if peft_layout == "file" else "peft")
-    da.convert(src, mid, to="peft", model=pipe)
-    da.convert(mid, tmp_path / "back.safetensors", to="kohya")
+    da.convert(src, mid, format="peft", model=pipe)
+    da.convert(mid, tmp_path / "back.safetensors", format="kohya")
     original, back = load_file(src), load_file(tmp_path / "back.safetensors")
     expected = loaded_outputs(pipe, src)
     assert close(loaded_outputs(pipe, mid), expected) <= TOL
@@ -128,7 +127,7 @@ KOHYA_ONLY = {
 def test_kohya_only_methods_rewrite_identically(pipe, tmp_path, case):
     """No model: names, shapes (rescale / dora_scale (out, 1, …)), metadata kept; fp16 and back is exact."""
     src = kohya_src(pipe, tmp_path, **KOHYA_ONLY[case])
-    da.convert(src, tmp_path / "a.safetensors", to="kohya")
+    da.convert(src, tmp_path / "a.safetensors", format="kohya")
     assert same_tensors(load_file(tmp_path / "a.safetensors"), load_file(src))
     assert close(loaded_outputs(pipe, tmp_path / "a.safetensors"), loaded_outputs(pipe, src)) == 0.0
 
@@ -155,8 +154,8 @@ def test_peft_round_trip(pipe, tmp_path, case):
     config, via = PEFT[case]
     src = peft_src(pipe, tmp_path, config, std=0.01 if case == "waveft" else 0.1)
     mid = tmp_path / ("mid.safetensors" if via == "kohya" else via)
-    da.convert(src, mid, to="kohya" if via == "kohya" else "peft")
-    da.convert(mid, tmp_path / "back", to="peft", model=pipe)
+    da.convert(src, mid, format="kohya" if via == "kohya" else "peft")
+    da.convert(mid, tmp_path / "back", format="peft", model=pipe)
     original = load_file(src / "unet" / "adapter_model.safetensors")
     back = load_file(tmp_path / "back" / "unet" / "adapter_model.safetensors")
     expected = loaded_outputs(pipe, src)
@@ -187,7 +186,7 @@ def test_what_a_format_cannot_express_is_refused_before_writing(pipe, tmp_path, 
         src = kohya_src(pipe, tmp_path, **kw)
     dest = tmp_path / "out"
     with pytest.raises(da.UnsupportedError, match=reason):
-        da.convert(src, dest, to=to, model=pipe)
+        da.convert(src, dest, format=to, model=pipe)
     assert not dest.exists()
 
 
@@ -199,7 +198,7 @@ def test_what_a_format_cannot_express_is_refused_before_writing(pipe, tmp_path, 
 def test_dtype_control(pipe, tmp_path, dtype, torch_dtype):
     src = kohya_src(pipe, tmp_path)
     for to, dest in (("kohya", tmp_path / "k.safetensors"), ("peft", tmp_path / "p.safetensors")):
-        da.convert(src, dest, to=to, dtype=dtype, model=pipe)
+        da.convert(src, dest, format=to, dtype=dtype, model=pipe)
         out = load_file(dest)
         assert {v.dtype for k, v in out.items() if not k.endswith("alpha")} == {torch_dtype}
     original, kohya = load_file(src), load_file(tmp_path / "k.safetensors")
@@ -210,10 +209,10 @@ def test_dtype_control(pipe, tmp_path, dtype, torch_dtype):
 def test_exclude_patterns_and_kohya_metadata(pipe, tmp_path):
     src = kohya_src(pipe, tmp_path)
     keys = set(load_file(src))
-    da.convert(src, tmp_path / "a.safetensors", to="kohya", exclude=["text_encoder*", "*down_blocks_0_*"])
+    da.convert(src, tmp_path / "a.safetensors", format="kohya", exclude=["text_encoder*", "*down_blocks_0_*"])
     out = load_file(tmp_path / "a.safetensors")
     assert set(out) == {k for k in keys if not k.startswith("lora_te_") and "down_blocks_0_" not in k}
-    da.convert(src, tmp_path / "b", to="peft", model=pipe, exclude=["lora_unet_*"])
+    da.convert(src, tmp_path / "b", format="peft", model=pipe, exclude=["lora_unet_*"])
     assert not (tmp_path / "b" / "unet").exists() and (tmp_path / "b" / "text_encoder").is_dir()
     with safe_open(str(tmp_path / "a.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -221,7 +220,7 @@ def test_exclude_patterns_and_kohya_metadata(pipe, tmp_path):
     assert meta["ss_network_alpha"] == "2" and meta["ss_base_model_version"] == "sd_v1"
     assert "sks cat" in meta["ss_tag_frequency"] and meta["modelspec.architecture"].endswith("/lora")
     with pytest.raises(da.DiffAdaptError, match="no modules left"):
-        da.convert(src, tmp_path / "c.safetensors", to="kohya", exclude=["*"])
+        da.convert(src, tmp_path / "c.safetensors", format="kohya", exclude=["*"])
 
 
 def test_kohya_names_resolve_against_the_real_size_architecture(tmp_path):
@@ -237,10 +236,10 @@ def test_kohya_names_resolve_against_the_real_size_architecture(tmp_path):
         sd[f"{k}.lora_up.weight"] = torch.randn(w.shape[0], 4, *([1] * (w.dim() - 2)), generator=g)
         sd[f"{k}.alpha"] = torch.tensor(2.0)
     save_file(sd, tmp_path / "sd15.safetensors")
-    da.convert(tmp_path / "sd15.safetensors", tmp_path / "peft", to="peft")
+    da.convert(tmp_path / "sd15.safetensors", tmp_path / "peft", format="peft")
     cfg = json.loads((tmp_path / "peft" / "unet" / "adapter_config.json").read_text())
     assert sorted(cfg["target_modules"]) == sorted(names) and cfg["r"] == 4 and cfg["lora_alpha"] == 2
-    da.convert(tmp_path / "peft", tmp_path / "back.safetensors", to="kohya")
+    da.convert(tmp_path / "peft", tmp_path / "back.safetensors", format="kohya")
     assert same_tensors(load_file(tmp_path / "back.safetensors"), sd)
 
 
@@ -259,11 +258,11 @@ def test_sdxl_kohya_files_use_ldm_block_names(tmp_path):
             sd[f"{comp}.{n}.lora_B.weight"] = torch.randn(w.shape[0], 2, *([1] * (w.dim() - 2)))
         configs[comp] = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": names}
     save_file(sd, tmp_path / "xl.safetensors", metadata={"peft_config": json.dumps(configs)})
-    da.convert(tmp_path / "xl.safetensors", tmp_path / "k.safetensors", to="kohya")
+    da.convert(tmp_path / "xl.safetensors", tmp_path / "k.safetensors", format="kohya")
     keys = {k.split(".", 1)[0] for k in load_file(tmp_path / "k.safetensors")}
     assert keys == {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
                     "lora_unet_output_blocks_2_0_in_layers_2", "lora_te2_text_model_encoder_layers_3_self_attn_q_proj"}
-    da.convert(tmp_path / "k.safetensors", tmp_path / "back.safetensors", to="peft")
+    da.convert(tmp_path / "k.safetensors", tmp_path / "back.safetensors", format="peft")
     back = load_file(tmp_path / "back.safetensors")
     assert same_tensors(back, sd)
 
@@ -304,24 +303,24 @@ def test_cli_convert_and_inspect(pipe, tmp_path, capsys):
 def test_errors_come_first_and_name_the_file(pipe, tmp_path):
     dest = tmp_path / "out.safetensors"
     with pytest.raises(da.SourceError, match="no such file"):
-        da.convert(tmp_path / "missing.safetensors", dest, to="kohya")
+        da.convert(tmp_path / "missing.safetensors", dest, format="kohya")
     with pytest.raises(da.DiffAdaptError, match="format 'ckpt'"):
-        da.convert(tmp_path / "missing.safetensors", dest, to="ckpt")
+        da.convert(tmp_path / "missing.safetensors", dest, format="ckpt")
     with pytest.raises(da.DiffAdaptError, match="dtype='fp8'"):
-        da.convert(tmp_path / "missing.safetensors", dest, to="kohya", dtype="fp8")
+        da.convert(tmp_path / "missing.safetensors", dest, format="kohya", dtype="fp8")
     assert not dest.exists()
     src = peft_src(pipe, tmp_path, PEFT["lora-patterns"][0])
     cfg = src / "unet" / "adapter_config.json"
     cfg.write_text("{not json")
     with pytest.raises(da.FormatError, match="adapter_config.json"):
-        da.convert(src, dest, to="kohya")
+        da.convert(src, dest, format="kohya")
     cfg.write_text(json.dumps({"peft_type": "LORA", "r": "four"}))
     with pytest.raises(da.FormatError, match="'r' must be a number"):
-        da.convert(src, dest, to="kohya")
+        da.convert(src, dest, format="kohya")
     bad = tmp_path / "bad.safetensors"
     save_file({"unet.x.lora_A.weight": torch.zeros(2, 4), "unet.x.lora_B.weight": torch.zeros(4, 2)}, bad,
               metadata={"peft_config": "{oops"})
     with pytest.raises(da.FormatError, match="bad.safetensors.*peft_config"):
-        da.convert(bad, dest, to="kohya")
+        da.convert(bad, dest, format="kohya")
     assert not dest.exists()
     assert main(["convert", str(tmp_path / "missing"), str(dest), "--to", "peft"]) == 2

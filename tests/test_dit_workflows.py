@@ -31,7 +31,7 @@ def test_mix_hotswap_weights_on_fused_modules(flux):
                             {k: 0.5 * v for k, v in lora_deltas(pipe.transformer, "kohya", a).items()})
     check(pipe, ref, base)
     c = lora_file(pipe.transformer, "flux", "bfl", seed=2)
-    da.hotswap(pipe, "a", dict(c))  # same name, new file in another layout; weight 0.5 stays
+    da.hotswap(pipe, dict(c), "a")  # same name, new file in another layout; weight 0.5 stays
     ref = reference_weights(flux.transformer, "flux",
                             {k: 0.5 * v for k, v in lora_deltas(pipe.transformer, "bfl", c).items()})
     check(pipe, ref, base)
@@ -87,7 +87,7 @@ def test_convert_flux_kohya_to_peft_without_a_model(tmp_path):
     src = tmp_path / "flux.safetensors"
     from safetensors.torch import save_file
     save_file(sd, src)
-    paths = da.convert(src, tmp_path / "out.safetensors", to="peft")
+    paths = da.convert(src, tmp_path / "out.safetensors", format="peft")
     keys = set(load_file(paths[0]))
     assert "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight" in keys
     assert "transformer.norm_out.linear.lora_A.weight" in keys
@@ -116,7 +116,7 @@ def test_hotswap_fused_flux_files_under_compile(flux, mode):
     pipe.transformer = torch.compile(pipe.transformer, backend="aot_eager")
     generate(pipe, steps=1, max_sequence_length=16)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        da.hotswap(pipe, "s", dict(b))
+        da.hotswap(pipe, dict(b), "s")
         da.set_weights(pipe, {"s": 0.5})
         got = generate(pipe, steps=1, max_sequence_length=16)
     da.load(eager, dict(b), name="s", weight=0.5)
@@ -149,7 +149,7 @@ def test_convert_comfyui_flux_to_kohya_keeps_native_names(flux, tmp_path):
            torch.randn(2, 32), "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
            ".lora_up.weight": torch.randn(32, 2)}
     save_file(sd, tmp_path / "bfl.safetensors")
-    out = load_file(da.convert(tmp_path / "bfl.safetensors", tmp_path / "kohya.safetensors", to="kohya")[0])
+    out = load_file(da.convert(tmp_path / "bfl.safetensors", tmp_path / "kohya.safetensors", format="kohya")[0])
     assert torch.equal(out["lora_unet_single_blocks_1_linear1.lora_up.weight"],
                        sd["diffusion_model.single_blocks.1.linear1.lora_up.weight"])
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in out

@@ -139,7 +139,7 @@ TO_PEFT = [("peft", c) for c in PEFT_MADE if c != "lora-ranks"] + [("lycoris", c
 def test_peft_export_is_read_by_peft(pipe, sources, tmp_path, origin, case):
     src, expected = sources(origin, case)
     dest = tmp_path / "out"
-    da.convert(src, dest, to="peft", model=pipe)
+    da.convert(src, dest, format="peft", model=pipe)
     for comp in COMPONENTS:
         folder = dest / comp
         config = PeftConfig.from_pretrained(str(folder))
@@ -190,7 +190,7 @@ TO_KOHYA = [("peft", c) for c in ("lora", "dora", "loha", "lokr")] + [("lycoris"
 def test_kohya_export_is_read_by_lycoris(pipe, sources, tmp_path, origin, case):
     src, expected = sources(origin, case)
     dest = tmp_path / "out.safetensors"
-    da.convert(src, dest, to="kohya")
+    da.convert(src, dest, format="kohya")
     sd = load_file(str(dest))
     for comp in COMPONENTS:
         prefix = KOHYA_PREFIX[comp]
@@ -209,7 +209,7 @@ def test_kohya_export_is_read_by_lycoris(pipe, sources, tmp_path, origin, case):
 ])
 def test_lora_export_is_read_by_diffusers(pipe, sources, tmp_path, origin, to, dest):
     src, expected = sources(origin, "lora-ranks" if origin == "peft" else "lora")
-    da.convert(src, tmp_path / dest, to=to, model=pipe)
+    da.convert(src, tmp_path / dest, format=to, model=pipe)
     reader = copy.deepcopy(pipe)
     reader.load_lora_weights(str(tmp_path / dest))
     assert set(reader.get_active_adapters()) and not da.adapters(reader)
@@ -241,7 +241,7 @@ def test_sdxl_kohya_export_with_ldm_names_is_read_by_diffusers(tmp_path):
     finally:
         da.unload(xl)
     dest = tmp_path / "out.safetensors"
-    da.convert(src, dest, to="kohya", model=xl)
+    da.convert(src, dest, format="kohya", model=xl)
     assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(str(dest)))
     reader = copy.deepcopy(xl)
     reader.load_lora_weights(str(dest))
@@ -258,7 +258,7 @@ def test_peft_single_file_export_is_read_by_peft(pipe, sources, tmp_path, case):
 
     src, expected = sources("peft", case)
     dest = tmp_path / "out.safetensors"
-    da.convert(src, dest, to="peft")
+    da.convert(src, dest, format="peft")
     with safe_open(str(dest), "pt") as f:
         configs = json.loads(f.metadata()["peft_config"])
     tensors = load_file(str(dest))

@@ -19,8 +19,7 @@ from diffadapt import peft_bridge as peft_layers
 from diffadapt.fixtures import UNET_MODULES, lycoris_file, randomize_
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline
 
-peft = pytest.importorskip("peft")
-pytest.importorskip("lycoris")
+import peft  # noqa: E402
 from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, WaveFTConfig  # noqa: E402
 
 TOL = 1e-5

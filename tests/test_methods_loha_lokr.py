@@ -18,10 +18,6 @@ from diffadapt.errors import FormatError, ShapeError
 from diffadapt.methods import BY_NAME, ParseContext, detect
 from diffadapt.methods.loha import LoHaParams
 from diffadapt.methods.lokr import LoKrParams
-
-lycoris = pytest.importorskip("lycoris")
-peft = pytest.importorskip("peft")
-
 from lycoris.modules.loha import LohaModule  # noqa: E402
 from lycoris.modules.lokr import LokrModule  # noqa: E402
 from peft import LoHaConfig, LoKrConfig, get_peft_model_state_dict, inject_adapter_in_model  # noqa: E402

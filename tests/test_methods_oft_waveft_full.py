@@ -14,8 +14,7 @@ from diffadapt.methods import BY_NAME, detect
 from diffadapt.methods.base import ParseContext
 from diffadapt.methods.oft import peft_cayley, peft_skew
 
-lycoris = pytest.importorskip("lycoris")
-peft = pytest.importorskip("peft")
+import lycoris  # noqa: E402
 from peft import OFTConfig, WaveFTConfig, get_peft_model_state_dict, inject_adapter_in_model  # noqa: E402
 
 logging.getLogger("LyCORIS").setLevel(logging.ERROR)

@@ -23,8 +23,7 @@ import diffadapt as da
 from diffadapt.fixtures import lycoris_file
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline, tiny_sdxl_pipeline
 
-pytest.importorskip("lycoris")
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402
 
 TOL = 1e-5
 TAGS = json.dumps({"10_ohwx dog": {"ohwx dog": 12, "grass": 3}})

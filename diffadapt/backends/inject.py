@@ -172,6 +172,7 @@ def apply(loaded) -> None:
                 s.before = top
                 if layer is not top:
                     setattr(s.parent, s.attr, layer)
+                layer.train(top.training)  # peft builds adapters in train mode: LoHa/LoKr would drop modules
                 done.append(s)
             configs[(id(root), name)] = (root, make_config(group))
         for (_, name), (root, config) in configs.items():  # peft's state-dict functions read it
