@@ -112,7 +112,9 @@ def read_safetensors(path: Path, *, max_numel: int | None = None) -> tuple[dict[
             if len(keys) > MAX_TENSORS:
                 _check_header(str(path), dict.fromkeys(keys, ()), None)
             _check_header(str(path), {k: tuple(f.get_slice(k).get_shape()) for k in keys}, max_numel)
-            tensors = {k: f.get_tensor(k) for k in keys}
+            # get_tensor returns views of the memory-mapped file: copy them, so a file rewritten or truncated
+            # later can neither change a loaded adapter nor crash the process (SIGBUS)
+            tensors = {k: f.get_tensor(k).clone() for k in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         if isinstance(e, DiffAdaptError):
             raise

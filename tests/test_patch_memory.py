@@ -89,7 +89,7 @@ def test_storage_stays_put_restore_is_exact_and_backups_are_reused(pipe, files, 
     assert first > 0 and pointers(pipe) == where and param_hashes(pipe) != base
     da.load(pipe, files["lora"], "y", weight=0.5)  # stacked on backed-up modules: nothing new to copy
     da.set_weights(pipe, {"x": 0.3})
-    da.hotswap(pipe, "y", files["loha"])
+    da.hotswap(pipe, files["loha"], "y")
     assert pointers(pipe) == where and sum(allocations) == first
     da.unload(pipe)
     assert param_hashes(pipe) == base and pointers(pipe) == where
@@ -160,7 +160,7 @@ def test_no_backup_fuses_for_good_and_refuses_to_undo(pipe, unet_file, files, ho
     da.load(unet, second, "y", weight=0.5)  # a later adapter composes onto the fused weight
     fused, hashes = {n: p.detach().clone() for n, p in unet.named_parameters()}, param_hashes(unet)
     for refused in (lambda: da.unload(unet, "x"), lambda: da.set_weights(unet, {"x": 0.5}),
-                    lambda: da.hotswap(unet, "x", second)):
+                    lambda: da.hotswap(unet, second, "x")):
         with pytest.raises(da.UnsupportedError, match="were not kept"):
             refused()
         assert param_hashes(unet) == hashes

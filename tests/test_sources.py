@@ -301,3 +301,17 @@ def test_legacy_attention_processor_keys(pipe, base_pipe, prefix):
     info = da.load(pipe, legacy, name="legacy")
     assert info.modules == 48 and info.alphas == {4.0: 48}
     assert param_hashes(pipe) == expected != before
+
+
+def test_a_file_rewritten_after_reading_changes_nothing(tmp_path):
+    """Tensors are copied out of the memory-mapped file: rewriting or truncating it cannot reach them."""
+    path = tmp_path / "a.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(64, 64), "lora_unet_x.lora_up.weight": torch.ones(64, 64)},
+              str(path))
+    raw = da.io.read(str(path))
+    before = {k: v.clone() for k, v in raw.tensors.items()}
+    with open(path, "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff" * 20000)
+        f.truncate(300)
+    assert all(torch.equal(raw.tensors[k], before[k]) for k in before)

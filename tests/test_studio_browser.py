@@ -242,7 +242,10 @@ def test_grid_axes():
 
 def test_grid_in_the_browser(page, server):
     open_section(page, "X/Y grid", "#grid-x textarea")
+    # the accordion mounts its fields when opened: wait for the initial value before typing over it
+    page.wait_for_function("() => document.querySelector('#grid-x textarea').value === '0, 0.5, 1'")
     page.fill("#grid-x textarea", "0, 1")
+    page.press("#grid-x textarea", "Tab")
     old = shown(page, "#grid-out")
     page.click("#grid")
     grid = wait_new_image(page, "#grid-out", old)
