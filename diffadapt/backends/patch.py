@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import storage
+from .patch_checks import check_order, check_storage, where as _where
 from .storage import MemoryMap, SideCopies, check_backup, nbytes, settings_of
 from ..compose import compose
 from ..errors import DiffAdaptError, UnsupportedError
@@ -353,50 +354,10 @@ NAME = "patch"
 BACKUP = "backup"  # Loaded.extra key: the backup mode asked for by load(..., backup=...)
 
 
-def _where(t) -> str:
-    return f"{t.component + '.' if t.component else ''}{t.module_name}"
-
-
 def _label(targets) -> None:
     for t in targets:
         slot = _SLOTS[t.module]
         slot.label = slot.label or _where(t)
-
-
-def _check_order(targets) -> None:
-    """A transform (OFT, DoRA) must act on the sum of every additive adapter. Injected adapters sit in peft
-    layers *outside* the patched weight, so a patched transform would rotate only part of that sum."""
-    for t in targets:
-        if t.patch.params.is_additive or t.root is None:
-            continue
-        wrapper = t.root.get_submodule(t.module_name)
-        if wrapper is not t.module:
-            raise UnsupportedError(
-                f"{t.patch.original_key}: a {t.patch.method} transform loaded in patch mode onto "
-                f"{t.component + '.' if t.component else ''}{t.module_name}, which already holds inject-mode "
-                "adapters, would leave them out of the rotation; load it with mode='inject', or fuse first"
-            )
-
-
-def _check_storage(targets) -> None:
-    """Patch mode writes dense floating-point weights; quantized ones (bitsandbytes, torchao) are refused."""
-    for t in targets:
-        w = getattr(t.module, "weight", None)
-        data = w.data if isinstance(w, torch.Tensor) else None
-        if data is None:
-            problem = "missing"
-        elif type(data) is not torch.Tensor:
-            problem = f"a {type(data).__name__} (a quantized tensor subclass)"
-        elif not data.is_floating_point():
-            problem = f"stored as {data.dtype} (quantized)"
-        elif data.device.type == "meta":
-            problem = "on the meta device (not loaded)"
-        else:
-            continue
-        raise UnsupportedError(
-            f"{_where(t)} ({type(t.module).__name__}): its weight is {problem}; patch mode writes dense floating-point "
-            "weights in place — load the adapter with mode='inject' (peft's layers run over quantized bases), "
-            "or dequantize the model first")
 
 
 def _refuse_fixed(slots_where: list[tuple[Slot, str]], name: str, what: str) -> None:
@@ -472,8 +433,8 @@ def _rewrite(pairs: list[tuple[Slot, list[Entry]]], created: list[Slot], copies:
 
 def apply(loaded) -> None:
     """Patch every target of ``loaded``; on any failure the modules already patched are rolled back."""
-    _check_order(loaded.targets)
-    _check_storage(loaded.targets)
+    check_order(loaded.targets)
+    check_storage(loaded.targets)
     new = _entries(loaded, loaded.targets)
     created, copies = _new_slots([m for m in new if m not in _SLOTS], _mode(loaded))
     _label(loaded.targets)
@@ -536,8 +497,8 @@ def hotswap(loaded, targets) -> None:
     longer targeted get their originals back (their slots stay, idle, so swapping back is again one write).
     A failure while writing rolls every touched module back.
     """
-    _check_order(targets)
-    _check_storage(targets)
+    check_order(targets)
+    check_storage(targets)
     old = {t.module: _where(t) for t in loaded.targets}
     _refuse_fixed([(_SLOTS[m], w) for m, w in old.items() if m in _SLOTS], loaded.name, "hotswap")
     new = _entries(loaded, targets)
