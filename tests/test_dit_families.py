@@ -4,32 +4,15 @@ errors a user sees for files of another family — all against diffusers or whol
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 
 import pytest
 import torch
 
 import diffadapt as da
-from diffadapt.testing import param_hashes, tiny_dit_pipeline, tiny_flux_pipeline, tiny_sd1_pipeline, tiny_wan_pipeline
+from diffadapt.testing import param_hashes, tiny_sd1_pipeline
 from dit_files import effective_weights, lora_file, method_file, native_modules, reference_weights
 from test_dit_layouts import load_unload, lora_deltas
-
-
-@pytest.fixture(scope="module")
-def sd3():
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    return tiny_dit_pipeline()
-
-
-@pytest.fixture(scope="module")
-def wan():
-    return tiny_wan_pipeline()
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_flux_pipeline()
 
 
 def sd3_deltas(model, sd):

@@ -8,7 +8,6 @@ module's ΔW (or W') from LyCORIS' functional forms, stacked over the diffusers 
 from __future__ import annotations
 
 import copy
-import logging
 import re
 
 import pytest
@@ -17,16 +16,10 @@ import torch
 import diffadapt as da
 from diffadapt.api import read_spec
 from diffadapt.pipeline import resolve
-from diffadapt.testing import param_hashes, tiny_flux_pipeline
+from diffadapt.testing import param_hashes
 from dit_files import effective_weights, lora_file, method_file, native_modules, reference_weights, shapes
 
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def flux():
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    return tiny_flux_pipeline()
 
 
 def fresh(pipe):

@@ -8,11 +8,6 @@ from diffusers import FluxPipeline
 from diffadapt.testing import generate, param_hashes, tiny_flux_pipeline
 
 
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_flux_pipeline()
-
-
 def test_flux_pipeline_shape(flux):
     assert type(flux) is FluxPipeline
     assert type(flux.text_encoder_2).__name__ == "T5EncoderModel"

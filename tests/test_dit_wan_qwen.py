@@ -4,26 +4,14 @@ against diffusers' own loader on identical tiny pipelines, patch and inject; unl
 from __future__ import annotations
 
 import copy
-import logging
 
 import pytest
 import torch
 
 import diffadapt as da
-from diffadapt.testing import param_hashes, tiny_qwen_image_pipeline, tiny_wan_pipeline
+from diffadapt.testing import param_hashes
 from dit_files import effective_weights, lora_file, reference_weights
 from test_dit_layouts import load_unload, lora_deltas
-
-
-@pytest.fixture(scope="module")
-def wan():
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    return tiny_wan_pipeline()
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return tiny_qwen_image_pipeline()
 
 
 def diffusers_reference(pipe, sd):

@@ -9,14 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import diffadapt as da
-from diffadapt.testing import param_hashes, tiny_flux_pipeline
+from diffadapt.testing import param_hashes
 from dit_files import effective_weights, lora_file, method_file, native_modules, reference_weights
 from test_dit_layouts import check, lora_deltas
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_flux_pipeline()
 
 
 def test_mix_hotswap_weights_on_fused_modules(flux):
