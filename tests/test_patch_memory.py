@@ -19,6 +19,7 @@ import torch
 import diffadapt as da
 from diffadapt.backends import storage
 from diffadapt.backends import patch
+from diffadapt.backends import slot as slot_module
 from diffadapt.fixtures import pipeline_file
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline
 
@@ -81,7 +82,7 @@ def test_storage_stays_put_restore_is_exact_and_backups_are_reused(pipe, files, 
     """"staged": the path of a host backup under an accelerator model — W0 copied into the live buffer, then
     the write reads and overwrites it there (forced here on CPU)."""
     if backup == "staged":
-        monkeypatch.setattr(patch, "_on", lambda saved, live: live.copy_(saved))
+        monkeypatch.setattr(slot_module, "_on", lambda saved, live: live.copy_(saved))
     mode = "host" if backup == "staged" else backup
     base, where = param_hashes(pipe), pointers(pipe)
     da.load(pipe, files[method], "x", weight=0.8, backup=mode)
