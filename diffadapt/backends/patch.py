@@ -26,7 +26,7 @@ from torch import nn
 from . import storage
 from .patch_checks import check_order, check_storage, where as _where
 from .slot import FLOAT8, Entry, Slot, _private, _stamp
-from .storage import MemoryMap, SideCopies, check_backup, nbytes, settings_of
+from .storage import SideCopies, check_backup, nbytes, settings_of
 from ..errors import DiffAdaptError, UnsupportedError
 
 __all__ = ["FLOAT8", "Entry", "Slot", "NAME", "apply", "remove", "refresh", "hotswap", "snapshot",
@@ -55,6 +55,7 @@ def snapshot(modules):
         saved.append((module, slot, None if slot is None else [(e, e.strength) for e in slot.entries],
                       0 if slot is None else slot.baked))
 
+    @storage.one_reading()
     def restore() -> None:
         for module, slot, entries, baked in saved:
             now = _SLOTS.get(module)
@@ -80,7 +81,7 @@ def snapshot(modules):
 
 def _new_slots(modules: list[nn.Module], backup: str) -> tuple[list[Slot], list[SideCopies]]:
     """Slots for modules patched for the first time; their backups come from one allocation per device."""
-    maps = MemoryMap() if any(m.weight.device.type == "cpu" for m in modules) else None
+    maps = storage.memory_map() if any(m.weight.device.type == "cpu" for m in modules) else None
     slots, groups = [], {}
     for module in modules:
         where = "device" if backup == "device" and module.weight.device.type != "cpu" else "host"
@@ -212,6 +213,7 @@ def _rewrite(pairs: list[tuple[Slot, list[Entry]]], created: list[Slot], copies:
     _finish(copies)
 
 
+@storage.one_reading()
 def apply(loaded) -> None:
     """Patch every target of ``loaded``; on any failure the modules already patched are rolled back."""
     check_order(loaded.targets)
@@ -223,6 +225,7 @@ def apply(loaded) -> None:
     _report_rounding(loaded, [_SLOTS[m] for m in new])
 
 
+@storage.one_reading()
 def remove(loaded) -> None:
     """Take the adapter off: each module is rewritten from its backup (its last adapter gone: W0 copied back)."""
     pairs = {}
@@ -238,6 +241,7 @@ def remove(loaded) -> None:
             release_module(module)
 
 
+@storage.one_reading()
 def refresh(loaded_list, *, inplace: bool = True) -> None:
     """Re-read the strengths of these adapters and rewrite each module whose stack changed, once."""
     changes: list[tuple[Entry, float]] = []
@@ -271,6 +275,7 @@ def _replace(entries: list[Entry], name: str, new: list[Entry]) -> list[Entry]:
     return rest[:at] + new + rest[at:]
 
 
+@storage.one_reading()
 def hotswap(loaded, targets) -> None:
     """Replace ``loaded``'s entries with ones for ``targets`` (resolved from another file), in place.
 

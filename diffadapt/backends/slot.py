@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import storage
-from .storage import MemoryMap, SideCopies
+from .storage import SideCopies
 from ..compose import compose
 from ..guards import check_written, needs_scan
 from ..methods.base import Params
@@ -128,7 +128,7 @@ class Slot:
         """The idle weight was changed outside diffadapt (edited, reloaded, recast): it is the new W0."""
         self.__dict__.pop("_w0_absmax", None)  # guards' cached max|W0|
         live, live_bias = self.module.weight.data, _bias(self.module)
-        maps = MemoryMap() if live.device.type == "cpu" else None
+        maps = storage.memory_map() if live.device.type == "cpu" else None
         if maps is not None and live_bias is not None and not maps.writable(live_bias):  # e.g. reloaded with mmap
             self.backup_bias, self.mapped_bias = _private(self.module.bias), True
             live_bias = None
