@@ -2,34 +2,41 @@
 
 After ``da.plugin(pipe)``, existing diffusers code — ``pipe.load_lora_weights(…)``, ``set_adapters``,
 ``fuse_lora``, ``unfuse_lora``, ``unload_lora_weights``, ``delete_adapters``, ``get_active_adapters``,
-``get_list_adapters``, ``enable_lora`` / ``disable_lora``, ``enable_lora_hotswap`` — takes LoHa, LoKr, OFT,
-full, DoRA and Tucker files in kohya, LyCORIS, PEFT and diffusers layouts, state dicts, folders and hub ids.
-The methods are bound on the instance only (``pipe.__dict__``); diffusers' classes are never touched, and
-``da.unplug(pipe)`` puts the class methods back.
+``get_list_adapters``, ``enable_lora`` / ``disable_lora``, ``enable_lora_hotswap``, ``set_lora_device``, the
+per-call ``pipe(…, cross_attention_kwargs={"scale": s})`` (``plugin_call.py``) and the denoiser's own
+``pipe.unet.set_adapters`` & co. (``plugin_models.py``) — takes LoHa, LoKr, OFT, full, DoRA and Tucker files
+in kohya, LyCORIS, PEFT and diffusers layouts, state dicts, folders and hub ids. Methods are bound on the
+instances only (``pipe.__dict__``, the denoiser's ``__dict__``; ``pipe(…)`` needs a same-named subclass of
+the pipeline's class for this one instance); diffusers' classes are never touched, and ``da.unplug(pipe)``
+undoes it all.
 
 Mapping onto diffadapt. Every adapter is loaded in patch mode (any method, any mix, zero cost per step,
-exact restore). diffusers' state is kept here, per adapter and component — the ``set_adapters`` weight,
-the ``fuse_lora(lora_scale=)`` multiplier still in force, and the weight frozen by a fuse — plus the
-active list and the global enable flag; each call turns that state into diffadapt weights and rewrites only
-the adapters whose weight changed. So the semantics are diffusers', including its less obvious ones:
+exact restore). diffusers' state is kept here (``plugin_state.py``), per adapter and component — the
+``set_adapters`` weight, the ``fuse_lora(lora_scale=)`` multiplier still in force, the weight frozen by a
+fuse — plus the active list (per component once a component-level call set it), the disabled components and
+the per-call scale; each call turns that state into diffadapt weights and rewrites only the adapters whose
+weight changed. So the semantics are diffusers', including its less obvious ones:
 
 * a load makes the new adapter the only active one; names default to ``default_<n>``;
 * ``set_adapters(names, weights)`` activates exactly ``names``; a weight is a number, a per-component dict
   (missing components: 1.0) or, for a UNet, diffusers' per-block dict, expanded by diffusers' own
   ``_maybe_expand_lora_scales`` and resolved per module by diffusers' rule;
-* ``fuse_lora(components, lora_scale, adapter_names)`` multiplies the active adapters' scale by
+* ``fuse_lora(components, lora_scale, adapter_names)`` multiplies each component's active adapters' scale by
   ``lora_scale`` (this stays after ``unfuse_lora``, as in diffusers, until ``set_adapters``) and freezes
-  the fused adapters' contribution: later ``set_adapters`` calls do not move fused weights;
+  the fused adapters' contribution: later ``set_adapters`` calls and per-call scales do not move it;
 * a layer holding a fused adapter runs no unfused one (peft's merged layers run their base layer only);
 * ``unfuse_lora(components)`` returns those components to the unfused state (current weights);
 * ``unload_lora_weights()`` removes every adapter; contributions still fused stay in the weights (the
-  documented fuse → unload → ``save_pretrained`` workflow); anything unfused comes back bit-exactly.
+  documented fuse → unload → ``save_pretrained`` workflow); anything unfused comes back bit-exactly;
+* ``get_active_adapters()`` answers as diffusers does: the active list of the last LoRA component with adapters.
 
 Where diffusers' peft layers would leave a residue (``unfuse_lora`` after a ``set_adapters`` while fused
-subtracts the new scale), the plugin restores exactly. A fused adapter removed by ``delete_adapters`` leaves
-nothing behind. A per-call ``cross_attention_kwargs={"scale": s}`` is not applied: patched weights have no
-layer to scale at run time — use ``set_adapters`` weights. ``set_lora_device`` stays diffusers' own (a no-op:
-there are no adapter layers to move). Component-level methods (``pipe.unet.set_adapters``) are not plugged.
+subtracts the new scale; a call with ``scale=0`` resets every active weight to 1) the plugin restores
+exactly. A fused adapter removed by ``delete_adapters`` leaves nothing behind. Unknown adapter names raise
+``AdapterNotFoundError`` where diffusers' model-level methods would silently activate or skip them.
+Not covered: a scale passed to the denoiser called directly (``pipe.unet(…, cross_attention_kwargs=…)``
+outside ``pipe(…)``), the text encoders' own transformers adapter methods, and model-level ``fuse_lora`` /
+``load_lora_adapter`` (diffusers' own: they see no peft layers).
 """
 
 from __future__ import annotations
