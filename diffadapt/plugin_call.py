@@ -54,14 +54,15 @@ def _subclass(cls: type) -> type:
         return sub
     ns: dict[str, Any] = {_BASE: cls, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
                           "__doc__": cls.__doc__}
-    if callable(getattr(cls, "__call__", None)) and cls.__call__ is not object.__call__:
-        call_sig = inspect.signature(cls.__call__)
+    call = next((k.__dict__["__call__"] for k in cls.__mro__ if "__call__" in k.__dict__), None)
+    if call is not None:  # (``cls.__call__`` of a class without one would be the metaclass's: instantiation)
+        call_sig = inspect.signature(call)
 
-        @functools.wraps(cls.__call__)
+        @functools.wraps(call)
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
             scales = _denoiser_scales(self, call_sig, args, kwargs)
             with scaled(self, scales):
-                return cls.__call__(self, *args, **kwargs)
+                return call(self, *args, **kwargs)
 
         ns["__call__"] = __call__
     encoders = _encoders(cls)
@@ -148,16 +149,19 @@ def scaled(pipe: Any, scales: dict[str, float]) -> Iterator[None]:
         return
     reg = registry(pipe)
     with reg.lock:
-        before = dict(state.call_scale)
-        state.call_scale.update(scales)
+        state.calls.append(scales)
         try:
             apply(pipe, sync(pipe, state))
         except BaseException:
-            state.call_scale = before
+            _remove(state, scales)
             raise
     try:
         yield
     finally:
         with reg.lock:
-            state.call_scale = before
+            _remove(state, scales)
             apply(pipe, sync(pipe, state))
+
+
+def _remove(state: State, scales: dict[str, float]) -> None:
+    state.calls[:] = [c for c in state.calls if c is not scales]

@@ -11,11 +11,11 @@ the plugin's state for that one component, so pipeline- and component-level call
 from __future__ import annotations
 
 import functools
-import weakref
+import types
 from typing import Any
 
 from .api import unload as _unload
-from .errors import AdapterNotFoundError, DiffAdaptError
+from .errors import AdapterNotFoundError
 from .pipeline import registry
 from .plugin_state import MISSING, State, apply, comps_of, component_weight, get_state, on_component
 from .weights import WeightError
@@ -27,7 +27,6 @@ METHODS = ("set_adapters", "set_adapter", "active_adapters", "enable_adapters", 
 def install(pipe: Any, state: State, comps: list[str]) -> None:
     from diffusers.loaders.peft import PeftAdapterMixin
 
-    ref = weakref.ref(pipe)
     for comp in comps:
         model = getattr(pipe, comp, None)
         model = getattr(model, "_orig_mod", model)  # a torch.compile'd component: the module it wraps
@@ -35,7 +34,7 @@ def install(pipe: Any, state: State, comps: list[str]) -> None:
             continue
         for name in METHODS:
             state.saved_models.append((model, name, model.__dict__.get(name, MISSING)))
-            model.__dict__[name] = _bind(globals()[f"_{name}"], ref, comp, getattr(type(model), name))
+            model.__dict__[name] = _Bound(globals()[f"_{name}"], pipe, comp, getattr(type(model), name))
 
 
 def uninstall(state: State) -> None:
@@ -47,15 +46,24 @@ def uninstall(state: State) -> None:
     state.saved_models.clear()
 
 
-def _bind(fn, ref, comp: str, original):
-    @functools.wraps(original)
-    def method(*args: Any, **kwargs: Any) -> Any:
-        pipe = ref()
-        if pipe is None:
-            raise DiffAdaptError(f"the pipeline that {comp} was plugged into no longer exists")
-        with registry(pipe).lock:
-            return fn(pipe, comp, *args, **kwargs)
-    return method
+class _Bound:
+    """One component-level method: ``fn(pipe, comp, …)`` under the registry lock."""
+
+    def __init__(self, fn, pipe: Any, comp: str, original) -> None:
+        self.fn, self.pipe, self.comp = fn, pipe, comp
+        functools.update_wrapper(self, original)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        """A copied pipeline's denoiser calls into the copy; a denoiser copied alone gets diffusers' method."""
+        pipe = memo.get(id(self.pipe))
+        if pipe is not None:
+            return _Bound(self.fn, pipe, self.comp, self.__wrapped__)
+        model = memo.get(id(getattr(self.pipe, self.comp, None)))
+        return types.MethodType(self.__wrapped__, model) if model is not None else self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with registry(self.pipe).lock:
+            return self.fn(self.pipe, self.comp, *args, **kwargs)
 
 
 def after_delete(active: list[str], names: list[str], left: list[str]) -> list[str]:

@@ -17,7 +17,25 @@ from .weights import WeightError
 
 STATE = "_diffadapt_plugin"
 MERGED = "_merged_adapters"  # read by diffusers' ``fused_loras`` / ``num_fused_loras`` properties
-MISSING = object()
+
+
+class _Missing:
+    """"No instance attribute was there" — the same object in copies of a plugged pipeline's state."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __copy__(self) -> _Missing:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> _Missing:
+        return self
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+MISSING = _Missing()
 
 
 @dataclass
@@ -36,7 +54,7 @@ class State:
     active: list[str] = field(default_factory=list)  # set by the pipeline-level methods, for every component
     component_active: dict[str, list[str]] = field(default_factory=dict)  # model-level set_adapters since then
     disabled: set[str] = field(default_factory=set)  # components whose adapters are switched off
-    call_scale: dict[str, float] = field(default_factory=dict)  # per-call ``{"scale": s}`` in force
+    calls: list[dict[str, float]] = field(default_factory=list)  # per-call scales in force, innermost last
     saved: dict[str, Any] = field(default_factory=dict)  # instance attributes the plugin replaced
     saved_models: list[tuple[Any, str, Any]] = field(default_factory=list)  # (model, attribute, old value)
     baked: set[str] = field(default_factory=set)  # fused, then unloaded: in the weights for good
@@ -46,6 +64,11 @@ class State:
 
     def active_on(self, comp: str) -> list[str]:
         return self.component_active.get(comp, self.active)
+
+    def call_scale(self, comp: str) -> float:
+        """The per-call scale of ``comp``: the innermost call that sets one (each call removes its own entry, so
+        calls that overlap in other threads never leave a scale behind)."""
+        return next((c[comp] for c in reversed(self.calls) if comp in c), 1.0)
 
     def set_active(self, names: list[str]) -> None:
         """A pipeline-level activation: every component runs exactly ``names``."""
@@ -131,7 +154,7 @@ def effective(state: State, name: str, loaded: Loaded, merged: dict[str, set[str
         elif comp in a.fused:
             out[comp] = a.fused[comp]
         elif comp not in a.deleted and name in state.active_on(comp):
-            value = times(a.weight.get(comp, 1.0), a.scale.get(comp, 1.0) * state.call_scale.get(comp, 1.0))
+            value = times(a.weight.get(comp, 1.0), a.scale.get(comp, 1.0) * state.call_scale(comp))
             blocked = [t.module_name for t in loaded.targets
                        if t.component == comp and t.module_name in merged.get(comp, ())]
             out[comp] = _without(value, blocked)

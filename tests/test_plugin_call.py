@@ -95,7 +95,7 @@ def test_weights_come_back_when_the_call_fails(sd1):
 
     with pytest.raises(KeyboardInterrupt):
         run(ours, cross_attention_kwargs={"scale": 0.3}, callback_on_step_end=stop)
-    assert param_hashes(ours) == hashes and ours.__dict__["_diffadapt_plugin"].call_scale == {}
+    assert param_hashes(ours) == hashes and ours.__dict__["_diffadapt_plugin"].calls == []
     with pytest.raises(da.WeightError, match="scale"):
         run(ours, cross_attention_kwargs={"scale": "strong"})
     assert param_hashes(ours) == hashes

@@ -6,6 +6,8 @@ outputs of every component, active and listed adapters, fused adapters.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -81,7 +83,13 @@ def test_component_methods_errors_unplug_and_set_lora_device(tmp_path):
     # a component deleted from every component is unloaded
     pipe.unet.delete_adapters("a")
     assert "a" in da.adapters(pipe) and pipe.get_list_adapters() == {"unet": ["b"], "text_encoder": ["a", "b"]}
+    copied = copy.deepcopy(pipe)  # its denoiser speaks for the copy, which starts with no adapters
+    with pytest.raises(da.AdapterNotFoundError):
+        copied.unet.set_adapters("b")
+    da.unplug(copied)
+    assert "set_adapters" not in copied.unet.__dict__ and "_diffadapt_base" not in type(copied).__dict__
     da.unplug(pipe)
+    assert type(pipe) is type(copied)
     unet_cls = type(pipe.unet)
     for name in ("set_adapters", "active_adapters", "delete_adapters", "disable_lora"):
         assert name not in pipe.unet.__dict__ and getattr(pipe.unet, name).__func__ is getattr(unet_cls, name)
