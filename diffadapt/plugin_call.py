@@ -103,14 +103,24 @@ def _wrapper_code():
 
 
 def scale_kwarg(model: Any) -> str | None:
-    """The kwargs dict whose ``"scale"`` diffusers applies to ``model``'s LoRA layers (``apply_lora_scale``)."""
-    fn = getattr(type(model), "forward", None)
-    while fn is not None:
+    """The kwargs dict whose ``"scale"`` diffusers applies to ``model``'s LoRA layers."""
+    return _scale_kwarg(type(model))
+
+
+@functools.cache
+def _scale_kwarg(cls: type) -> str | None:
+    fn = getattr(cls, "forward", None)
+    while fn is not None:  # diffusers' ``apply_lora_scale(name)`` wrapper: the name is in its closure
         if getattr(fn, "__code__", None) is _wrapper_code():
             cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
             return cells.get("kwargs_name")
         fn = getattr(fn, "__wrapped__", None)
-    return None
+    try:  # a few models scale inline: ``lora_scale = attention_kwargs.pop("scale", 1.0)``
+        source = inspect.getsource(cls.forward)
+    except (AttributeError, OSError, TypeError):
+        return None
+    found = re.search(r"(\w+)\.pop\(\s*[\"']scale[\"']", source)
+    return found.group(1) if found and "scale_lora_layers(self" in source else None
 
 
 def _argument(sig: inspect.Signature, self: Any, args: tuple, kwargs: dict, name: str) -> Any:
