@@ -179,3 +179,23 @@ def test_dit_scale_kwargs_match_diffusers(request, family):
     # relative: SD3's tiny latents reach ~12, where patched and unfused float32 sums differ by ~7e-5 at scale 1
     assert np.abs(out - theirs).max() <= 1e-5 * max(1.0, np.abs(theirs).max())
     assert np.abs(out - unscaled).max() > 1e-5
+
+
+def test_what_diffusers_scales_is_read_off_its_code():
+    """The denoiser's kwargs name comes from ``apply_lora_scale`` on its forward; the encoders from
+    ``encode_prompt``'s ``scale_lora_layers(self.…)`` calls."""
+    import diffusers
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from diffadapt.plugin_call import _encoders, _scale_kwarg
+
+    kwargs = {"UNet2DConditionModel": "cross_attention_kwargs", "SD3Transformer2DModel": "joint_attention_kwargs",
+              "FluxTransformer2DModel": "joint_attention_kwargs", "WanTransformer3DModel": "attention_kwargs",
+              "QwenImageTransformer2DModel": "attention_kwargs", "AutoencoderKL": None}
+    assert {name: _scale_kwarg(getattr(diffusers, name)) for name in kwargs} == kwargs
+    assert _scale_kwarg(CLIPTextModel) is None and _scale_kwarg(T5EncoderModel) is None
+    encoders = {"StableDiffusionPipeline": ("text_encoder",),
+                "StableDiffusionXLPipeline": ("text_encoder", "text_encoder_2"),
+                "StableDiffusion3Pipeline": ("text_encoder", "text_encoder_2"),  # not the T5 (text_encoder_3)
+                "FluxPipeline": ("text_encoder", "text_encoder_2"), "WanPipeline": (), "QwenImagePipeline": ()}
+    assert {name: _encoders(getattr(diffusers, name)) for name in encoders} == encoders
