@@ -36,7 +36,9 @@ exactly. A fused adapter removed by ``delete_adapters`` leaves nothing behind. U
 ``AdapterNotFoundError`` where diffusers' model-level methods would silently activate or skip them.
 Not covered: a scale passed to the denoiser called directly (``pipe.unet(…, cross_attention_kwargs=…)``
 outside ``pipe(…)``), the text encoders' own transformers adapter methods, and model-level ``fuse_lora`` /
-``load_lora_adapter`` (diffusers' own: they see no peft layers).
+``load_lora_adapter`` (diffusers' own: they see no peft layers). On a plugged pipeline the diffusers calls own
+the weights: one set with ``da.set_weights`` is replaced by the plugin's state at its next rewrite (a
+``set_adapters``, or a call with a scale).
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def test_flux_joint_attention_scale_matches_diffusers(flux):
     assert ours.get_list_adapters() == stock.get_list_adapters() == {"transformer": ["default_0"],
                                                                     "text_encoder": ["default_0"]}
     hashes, unscaled = param_hashes(ours), run(ours)
-    for s in (0.5, 1.3):
+    for s in SCALES:
         kwargs = {"joint_attention_kwargs": {"scale": s}}
         out = run(ours, **kwargs)
         assert param_hashes(ours) == hashes
