@@ -93,6 +93,19 @@ def _is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__ and isinstance(w, torch.Tensor) and w.dim() == 1
 
 
+def _bare_parameter(comps: dict[str, nn.Module], patch: ModulePatch) -> str | None:
+    """'component.name' when the patch's (dotted) module key names a parameter rather than a module."""
+    if not patch.dotted or patch.fused is not None:
+        return None
+    for comp in _candidates(patch.component, comps):
+        try:
+            comps[comp].get_parameter(patch.module_key)
+        except AttributeError:
+            continue
+        return f"{comp + '.' if comp else ''}{patch.module_key}"
+    return None
+
+
 def _is_t5(module: nn.Module | None) -> bool:
     return module is not None and type(module).__name__.startswith(("T5", "UMT5"))
 
@@ -205,7 +218,9 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
             return "none named"
         return f"{denoiser} (lora_unet_ keys)" if c == "unet" and denoiser == "transformer" else c
 
-    keys = [p.original_key for ps in missing.values() for p in ps]
+    # a key naming a parameter of no adaptable module (Wan's adaLN 'modulation' → diffusers' scale_shift_table)
+    bare = {id(p): n for ps in missing.values() for p in ps if (n := _bare_parameter(comps, p))}
+    keys = [p.original_key for ps in missing.values() for p in ps if id(p) not in bare]
     hint = f" The file looks made for {_family_label(file_family)}" if file_family != "unknown" else ""
     if hint and other_family:
         hint += f"; the model is {_family_label(fam)}"
@@ -213,6 +228,10 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
     if keys:
         parts.append(f"{len(keys)} of {len(spec.patches)} adapter modules match no module of the model "
                      f"(components {sorted(shown(c) for c in missing)}), e.g. {keys[:5]}")
+    if bare:
+        named = [f"'{p.original_key}' → {bare[id(p)]}" for ps in missing.values() for p in ps if id(p) in bare]
+        parts.append(f"{len(bare)} of {len(spec.patches)} adapter modules are parameters that no Linear, Conv or norm "
+                     f"module holds (diffadapt adapts module weights), e.g. {', '.join(named[:3])}")
     if clashes:
         parts.append(f"{len(clashes)} match modules of another shape, e.g. {clashes[0]}")
     layout = f"{spec.layout} layout; " if spec.layout else ""

@@ -5,12 +5,13 @@ Wan-2.1-I2V transformer, patch and inject; unload bit-exact."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 
 import diffadapt as da
-from diffadapt.testing import tiny_wan_i2v_pipeline
+from diffadapt.testing import param_hashes, tiny_wan_i2v_pipeline
 from dit_files import lora_file
 from test_dit_layouts import load_unload
 from test_dit_wan_qwen import diffusers_reference
@@ -46,3 +47,96 @@ def test_wan_i2v_layouts_match_diffusers(i2v, layout, mode):
     info = load_unload(pipe, sd, ref, mode=mode)
     assert info.layout == {"comfyui": "Wan ComfyUI", "musubi": "Wan musubi-tuner"}[layout]
     assert info.modules == len(ref) and info.base_family == "wan"
+
+
+def test_wan_i2v_bias_and_head_diffs_match_diffusers(i2v):
+    """ComfyUI distillation files: 'diff_b' beside every LoRA (image projections and embedder included) and a
+    whole 'head.head.diff' + 'diff_b' — diffusers reads them as lora_B.bias and an identity-up LoRA."""
+    sd = i2v_file(i2v.transformer, "comfyui")
+    g = torch.Generator().manual_seed(5)
+    for k in [k for k in sd if k.endswith(".lora_up.weight")]:
+        sd[k.replace(".lora_up.weight", ".diff_b")] = torch.randn(sd[k].shape[0], generator=g) * 0.1
+    head = i2v.transformer.proj_out
+    sd["diffusion_model.head.head.diff"] = torch.randn(head.weight.shape, generator=g) * 0.1
+    sd["diffusion_model.head.head.diff_b"] = torch.randn(head.bias.shape, generator=g) * 0.1
+    ref = copy.deepcopy(i2v)
+    ref.load_lora_weights({k: v.clone() for k, v in sd.items()})
+    ref.fuse_lora()
+    theirs = {k.replace(".base_layer", ""): v for k, v in ref.transformer.named_parameters() if "lora_" not in k}
+    pipe = copy.deepcopy(i2v)
+    before, base = param_hashes(pipe), dict(i2v.transformer.named_parameters())
+    info = da.load(pipe, dict(sd), name="x")
+    assert info.layout == "Wan ComfyUI" and info.methods == {"lora": info.modules - 1, "full": 1}
+    ours = dict(pipe.transformer.named_parameters())
+    moved = {k for k in ours if not torch.equal(ours[k], base[k])}
+    assert {"blocks.0.attn2.add_k_proj.bias", "condition_embedder.image_embedder.ff.net.2.bias", "proj_out.weight",
+            "proj_out.bias"} <= moved
+    assert moved == {k for k in theirs if not torch.equal(theirs[k], base[k])}
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in moved) <= 1e-5
+    da.unload(pipe)
+    assert param_hashes(pipe) == before
+
+
+NORM_DIFFS = {  # native module → diffusers module, for the scale/shift deltas diffusers' converter drops
+    "blocks.{i}.norm3": "blocks.{i}.norm2",
+    "blocks.{i}.self_attn.norm_q": "blocks.{i}.attn1.norm_q",
+    "blocks.{i}.cross_attn.norm_k_img": "blocks.{i}.attn2.norm_added_k",
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+    "patch_embedding": "patch_embedding",
+    "time_projection.1": "condition_embedder.time_proj",
+}
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "musubi"])
+def test_wan_i2v_norm_and_embedding_diffs_whole_matrix(i2v, layout):
+    """'diff' / 'diff_b' on norms, the image embedder's LayerNorms, the Conv3d patch embedding and a lone bias:
+    W + diff, b + diff_b on the diffusers parameter (reference written here from the model's own tensors)."""
+    pipe = copy.deepcopy(i2v)
+    mods = dict(pipe.transformer.named_modules())
+    key = (lambda n: "diffusion_model." + n) if layout == "comfyui" else (lambda n: "lora_unet_" + n.replace(".", "_"))
+    g = torch.Generator().manual_seed(7)
+    sd, want = {}, {}
+    for native, name in NORM_DIFFS.items():
+        for i in ("0", "1") if "{i}" in native else ("",):
+            n, m = native.replace("{i}", i), mods[name.replace("{i}", i)]
+            for suffix, p in (("diff", "weight"), ("diff_b", "bias")):
+                t = getattr(m, p, None)
+                if t is None or (native == "time_projection.1" and p == "weight"):
+                    continue
+                d = torch.randn(t.shape, generator=g) * 0.1
+                sd[f"{key(n)}.{suffix}"] = d
+                want[f"{name.replace('{i}', i)}.{p}"] = t.detach() + d
+    before = param_hashes(pipe)
+    info = da.load(pipe, dict(sd), name="x")
+    assert set(info.methods) == {"full"} and info.modules == 10 and info.base_family == "wan"
+    params = dict(pipe.transformer.named_parameters())
+    assert max((params[k] - v).abs().max().item() for k, v in want.items()) <= 1e-6
+    assert {k for k, h in param_hashes(pipe).items() if h != before[k]} == {f"transformer.{k}" for k in want}
+    da.unload(pipe)
+    assert param_hashes(pipe) == before
+
+
+@pytest.mark.parametrize("key, param", [
+    ("diffusion_model.blocks.1.diff_m", "blocks.1.scale_shift_table"),
+    ("diffusion_model.blocks.0.modulation.diff", "blocks.0.scale_shift_table"),
+    ("diffusion_model.head.modulation.diff", "scale_shift_table"),
+    ("lora_unet_blocks_1_modulation.diff", "blocks.1.scale_shift_table"),
+])
+def test_wan_modulation_diffs_refused_by_name(i2v, key, param):
+    """diffusers keeps Wan's adaLN tables as bare parameters (its converter drops these deltas): refused, the key
+    and the parameter named; strict=False loads the rest and says what it left out."""
+    pipe = copy.deepcopy(i2v)
+    table = pipe.transformer.get_parameter(param)
+    sd = lora_file(pipe.transformer, "wan", "bfl" if key.startswith("diff") else "kohya", only=r"^blocks\.\{i\}\.ffn")
+    sd[key] = torch.ones(table.shape)
+    before = param_hashes(pipe)
+    msg = rf"1 of 5 adapter modules are parameters .*'{re.escape(key.removesuffix('.diff'))}' → transformer\.{param}"
+    with pytest.raises(da.KeyMappingError, match=msg + r".*strict=False"):
+        da.load(pipe, dict(sd), name="x")
+    assert param_hashes(pipe) == before
+    with pytest.warns(UserWarning, match=msg):
+        info = da.load(pipe, dict(sd), name="x", strict=False)
+    assert info.modules == 5 and torch.equal(table, i2v.transformer.get_parameter(param))
+    da.unload(pipe)
+    assert param_hashes(pipe) == before

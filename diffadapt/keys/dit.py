@@ -125,8 +125,13 @@ WAN: tuple[Rule, ...] = (
     R("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
     R("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
     R("time_projection.1", "condition_embedder.time_proj"),
-    R("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    R("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),  # i2v image embedder: LayerNorm,
+    R("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),  # Linear, GELU, Linear, LayerNorm
     R("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    R("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    # adaLN tables: parameters of no module in diffusers (``scale_shift_table``), so resolving them fails by name
+    R(f"{_W}.modulation", f"{_W}.scale_shift_table"),
+    R("head.modulation", "scale_shift_table"),
     R("head.head", "proj_out"),
     R("patch_embedding", "patch_embedding"),
 )
@@ -137,9 +142,23 @@ TABLES: dict[str, tuple[Rule, ...]] = {"flux": FLUX, "sd3": SD3, "wan": WAN, "qw
 _SIGNS: tuple[tuple[str, re.Pattern], ...] = (
     ("flux", re.compile(r"(^|[._])(double_blocks|single_blocks)[._]\d+[._]")),
     ("sd3", re.compile(r"(^|[._])joint_blocks[._]\d+[._](x_block|context_block)")),
-    ("wan", re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn|ffn)[._]")),
+    ("wan", re.compile(r"(^|[._])(blocks[._]\d+[._](self_attn|cross_attn|ffn)[._]|blocks[._]\d+[._]modulation$"
+                       r"|img_emb[._]proj[._]\d$|head[._](head|modulation)$)")),
     ("qwen", re.compile(r"(^|[._])transformer_blocks[._]\d+[._](img_mod|txt_mod|img_mlp|txt_mlp)[._]")),
 )
+
+
+# ComfyUI-format Wan distillation files name the modulation delta of a block 'blocks.0.diff_m'
+_DIFF_M = re.compile(r"([._])diff_m$")
+
+
+def rewrite_key(key: str) -> str:
+    """``<block>.diff_m`` (a delta on the block's adaLN ``modulation`` table) → ``<block>.modulation.diff``."""
+    m = _DIFF_M.search(key)
+    if m is None:
+        return key
+    sep = "." if "." in key[: m.start()] else "_"
+    return f"{key[: m.start()]}{sep}modulation.diff"
 
 
 def _compile(template: str) -> re.Pattern:
@@ -197,8 +216,8 @@ def layout_name(family: str, groups: list[ModuleGroup], original_keys: list[str]
     else:
         style = "diffusers" if all(g.dotted for g in groups) else trainer
     methods = {s for g in groups for s in g.tensors}
-    if style in ("kohya", "ComfyUI/BFL", "ComfyUI") and methods & {"hada_w1_a", "lokr_w1", "lokr_w1_a", "oft_blocks",
-                                                                 "lokr_w2", "diff"}:
+    lycoris = {"hada_w1_a", "lokr_w1", "lokr_w1_a", "oft_blocks", "lokr_w2"} | ({"diff"} if family != "wan" else set())
+    if style in ("kohya", "ComfyUI/BFL", "ComfyUI") and methods & lycoris:  # Wan's ComfyUI files write diffs
         style += " (LyCORIS)"
     return f"{fam} {style}"
 
