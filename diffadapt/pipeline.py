@@ -93,17 +93,29 @@ def _is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__ and isinstance(w, torch.Tensor) and w.dim() == 1
 
 
-def _bare_parameter(comps: dict[str, nn.Module], patch: ModulePatch) -> str | None:
-    """'component.name' when the patch's (dotted) module key names a parameter rather than a module."""
-    if not patch.dotted or patch.fused is not None:
+class ParameterSite(nn.Module):
+    """A parameter that no module holds as its weight (Wan's adaLN ``scale_shift_table``), as a module whose
+    ``weight`` *is* that parameter, so full diffs write it in place like any weight. One per parameter, kept
+    by the module that owns it: every adapter on it shares one patch slot (one backup)."""
+
+    def __init__(self, param: nn.Parameter):
+        super().__init__()
+        self.weight = param
+
+
+def _parameter_site(root: nn.Module, name: str) -> ParameterSite | None:
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = root.get_submodule(owner_name)
+    except AttributeError:
         return None
-    for comp in _candidates(patch.component, comps):
-        try:
-            comps[comp].get_parameter(patch.module_key)
-        except AttributeError:
-            continue
-        return f"{comp + '.' if comp else ''}{patch.module_key}"
-    return None
+    param = owner._parameters.get(attr)
+    if param is None or isinstance(owner, PATCHABLE) or _is_norm(owner):
+        return None  # a module's own weight or bias is adapted through the module
+    sites = owner.__dict__.setdefault("_diffadapt_sites", {})
+    if sites.get(attr) is None or sites[attr].weight is not param:
+        sites[attr] = ParameterSite(param)
+    return sites[attr]
 
 
 def _is_t5(module: nn.Module | None) -> bool:
@@ -115,7 +127,15 @@ def _place(patch: ModulePatch, comp: str, index: ModuleIndex, root: nn.Module, s
     names = [index.find(m, dotted=True) for m in patch.fused.modules] if patch.fused else \
         [index.find(patch.module_key, dotted=patch.dotted)]
     if any(n is None for n in names):
-        return None
+        site = _parameter_site(root, patch.module_key) if patch.dotted and patch.fused is None else None
+        if site is None:
+            return None
+        where = f"{source}: '{patch.original_key}' → {comp + '.' if comp else ''}{patch.module_key}"
+        if patch.method != "full":
+            raise ShapeError(f"{where}: a parameter {tuple(site.weight.shape)} outside any Linear/Conv/norm module "
+                             f"takes only a full diff, not {patch.method}")
+        patch.params.check(site.weight.shape, where=where)
+        return [Target(patch=patch, component=comp, module_name=patch.module_key, module=site, root=root)]
     modules = [unwrap(index.modules[n]) for n in names]
     label = f"{comp + '.' if comp else ''}"
     where = f"{source}: '{patch.original_key}' → {label}{names[0] if len(names) == 1 else names}"
@@ -218,9 +238,7 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
             return "none named"
         return f"{denoiser} (lora_unet_ keys)" if c == "unet" and denoiser == "transformer" else c
 
-    # a key naming a parameter of no adaptable module (Wan's adaLN 'modulation' → diffusers' scale_shift_table)
-    bare = {id(p): n for ps in missing.values() for p in ps if (n := _bare_parameter(comps, p))}
-    keys = [p.original_key for ps in missing.values() for p in ps if id(p) not in bare]
+    keys = [p.original_key for ps in missing.values() for p in ps]
     hint = f" The file looks made for {_family_label(file_family)}" if file_family != "unknown" else ""
     if hint and other_family:
         hint += f"; the model is {_family_label(fam)}"
@@ -228,10 +246,6 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
     if keys:
         parts.append(f"{len(keys)} of {len(spec.patches)} adapter modules match no module of the model "
                      f"(components {sorted(shown(c) for c in missing)}), e.g. {keys[:5]}")
-    if bare:
-        named = [f"'{p.original_key}' → {bare[id(p)]}" for ps in missing.values() for p in ps if id(p) in bare]
-        parts.append(f"{len(bare)} of {len(spec.patches)} adapter modules are parameters that no Linear, Conv or norm "
-                     f"module holds (diffadapt adapts module weights), e.g. {', '.join(named[:3])}")
     if clashes:
         parts.append(f"{len(clashes)} match modules of another shape, e.g. {clashes[0]}")
     layout = f"{spec.layout} layout; " if spec.layout else ""

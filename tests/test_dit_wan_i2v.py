@@ -117,26 +117,40 @@ def test_wan_i2v_norm_and_embedding_diffs_whole_matrix(i2v, layout):
     assert param_hashes(pipe) == before
 
 
-@pytest.mark.parametrize("key, param", [
-    ("diffusion_model.blocks.1.diff_m", "blocks.1.scale_shift_table"),
-    ("diffusion_model.blocks.0.modulation.diff", "blocks.0.scale_shift_table"),
-    ("diffusion_model.head.modulation.diff", "scale_shift_table"),
-    ("lora_unet_blocks_1_modulation.diff", "blocks.1.scale_shift_table"),
-])
-def test_wan_modulation_diffs_refused_by_name(i2v, key, param):
-    """diffusers keeps Wan's adaLN tables as bare parameters (its converter drops these deltas): refused, the key
-    and the parameter named; strict=False loads the rest and says what it left out."""
+MODULATION = {  # how ComfyUI-format files name a delta on an adaLN table → the diffusers parameter
+    "diffusion_model.blocks.1.diff_m": "blocks.1.scale_shift_table",
+    "diffusion_model.blocks.0.modulation.diff": "blocks.0.scale_shift_table",
+    "diffusion_model.head.modulation.diff": "scale_shift_table",
+    "lora_unet_blocks_1_modulation.diff": "blocks.1.scale_shift_table",
+}
+
+
+@pytest.mark.parametrize("key", list(MODULATION))
+def test_wan_modulation_diffs_on_scale_shift_tables(i2v, key):
+    """Wan's adaLN tables (native 'modulation', same (shift, scale, gate …) order) are bare parameters in diffusers
+    (its converter drops these deltas): W + w·diff in patch mode, two adapters on one table unload in any order
+    bit-exactly; inject mode and a LoRA on a table are refused by name."""
+    param = MODULATION[key]
     pipe = copy.deepcopy(i2v)
     table = pipe.transformer.get_parameter(param)
-    sd = lora_file(pipe.transformer, "wan", "bfl" if key.startswith("diff") else "kohya", only=r"^blocks\.\{i\}\.ffn")
-    sd[key] = torch.ones(table.shape)
+    w0 = table.detach().clone()
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(table.shape, generator=g) * 0.1 for _ in range(2))
     before = param_hashes(pipe)
-    msg = rf"1 of 5 adapter modules are parameters .*'{re.escape(key.removesuffix('.diff'))}' → transformer\.{param}"
-    with pytest.raises(da.KeyMappingError, match=msg + r".*strict=False"):
-        da.load(pipe, dict(sd), name="x")
+    info = da.load(pipe, {key: a}, name="a", weight=0.5)
+    assert info.methods == {"full": 1} and info.layout.startswith("Wan")
+    assert torch.allclose(table, w0 + 0.5 * a, atol=1e-7, rtol=0)
+    da.load(pipe, {key: b}, name="b")
+    assert torch.allclose(table, w0 + 0.5 * a + b, atol=1e-7, rtol=0)
+    assert {k for k, h in param_hashes(pipe).items() if h != before[k]} == {f"transformer.{param}"}
+    da.unload(pipe, "a")
+    assert torch.allclose(table, w0 + b, atol=1e-7, rtol=0)
+    da.unload(pipe, "b")
     assert param_hashes(pipe) == before
-    with pytest.warns(UserWarning, match=msg):
-        info = da.load(pipe, dict(sd), name="x", strict=False)
-    assert info.modules == 5 and torch.equal(table, i2v.transformer.get_parameter(param))
-    da.unload(pipe)
+    with pytest.raises(da.UnsupportedError, match=rf"{re.escape(param)}.*mode='patch'"):
+        da.load(pipe, {key: a}, name="a", mode="inject")
+    lora = {key.replace(".diff_m", ".modulation.diff").removesuffix(".diff") + s: t for s, t in (
+        (".lora_down.weight", torch.ones(2, 24)), (".lora_up.weight", torch.ones(6, 2)))}
+    with pytest.raises(da.ShapeError, match=rf"→ transformer\.{re.escape(param)}: .*only a full diff, not lora"):
+        da.load(pipe, lora, name="a")
     assert param_hashes(pipe) == before
