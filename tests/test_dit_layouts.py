@@ -205,3 +205,31 @@ def test_peft_only_methods_split_rows_like_peft(kind):
         part = TAKE_ROWS[type(params)](params, rows, w.shape, where="x")
         got = torch.nn.functional.linear(x, part.apply(w[rows].float(), 1.0))
         assert (got - want[:, start:stop]).abs().max() <= TOL
+
+
+def _lora(rows=4, cols=4):
+    return {"lora_down.weight": torch.ones(2, cols), "lora_up.weight": torch.ones(rows, 2)}
+
+
+@pytest.mark.parametrize("modules, layout", [
+    (["diffusion_model.blocks.0.self_attn.q"], "Wan ComfyUI"),
+    (["lora_unet_blocks_0_cross_attn_k_img"], "Wan musubi-tuner"),
+    (["blocks.0.self_attn.q", "blocks.0.ffn.0"], "Wan native"),  # dotted native names without a prefix
+    (["double_blocks.0.img_attn.proj"], "Flux native"),
+    (["joint_blocks.0.x_block.attn.proj"], "SD3 native"),
+    (["double_blocks_0_img_attn_proj"], "Flux kohya"),  # flat names without a prefix
+    (["lycoris_double_blocks_0_img_attn_proj"], "Flux LyCORIS"),
+    (["transformer.transformer_blocks.0.img_mlp.net.2"], "Qwen-Image diffusers"),
+    (["transformer_blocks.0.img_mod.1"], "Qwen-Image diffusers"),  # Qwen-Image's own names are diffusers'
+])
+def test_layout_names(modules, layout):
+    sd = {f"{m}.{s}": t for m in modules for s, t in _lora().items()}
+    assert da.inspect(sd).layout == layout
+
+
+def test_layout_names_lycoris_methods():
+    hada = {f"hada_w{i}_{ab}": torch.ones(4, 2) if ab == "a" else torch.ones(2, 4) for i in (1, 2) for ab in "ab"}
+    sd = {f"diffusion_model.double_blocks.0.img_attn.proj.{s}": t for s, t in hada.items()}
+    assert da.inspect(sd).layout == "Flux ComfyUI/BFL (LyCORIS)"
+    sd = {f"diffusion_model.blocks.0.self_attn.q.{s}": t for s, t in hada.items()}
+    assert da.inspect(sd).layout == "Wan ComfyUI (LyCORIS)"

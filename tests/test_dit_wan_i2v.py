@@ -154,3 +154,4 @@ def test_wan_modulation_diffs_on_scale_shift_tables(i2v, key):
     with pytest.raises(da.ShapeError, match=rf"→ transformer\.{re.escape(param)}: .*only a full diff, not lora"):
         da.load(pipe, lora, name="a")
     assert param_hashes(pipe) == before
+

@@ -213,8 +213,10 @@ def layout_name(family: str, groups: list[ModuleGroup], original_keys: list[str]
         style = trainer
     elif any(k.startswith(("lycoris_",)) for k in keys):
         style = "LyCORIS"
+    elif all(g.dotted for g in groups):  # dotted, unprefixed: diffusers names, or the family's own (native) ones
+        style = "native" if family != "qwen" and any(match(family, g.module_key) for g in groups) else "diffusers"
     else:
-        style = "diffusers" if all(g.dotted for g in groups) else trainer
+        style = trainer
     methods = {s for g in groups for s in g.tensors}
     lycoris = {"hada_w1_a", "lokr_w1", "lokr_w1_a", "oft_blocks", "lokr_w2"} | ({"diff"} if family != "wan" else set())
     if style in ("kohya", "ComfyUI/BFL", "ComfyUI") and methods & lycoris:  # Wan's ComfyUI files write diffs
