@@ -108,18 +108,31 @@ SD3: tuple[Rule, ...] = (
     R("final_layer.adaLN_modulation.1", "norm_out.linear", modulation=True),
 )
 
-_W = "blocks.{i}"
+def _wan_block(b: str) -> tuple[Rule, ...]:
+    """One Wan block's modules under its path ``b`` (``blocks.{i}``; VACE's ``vace_blocks.{i}`` too)."""
+    qkvo = tuple(zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0")))
+    return (
+        *(R(f"{b}.self_attn.{o}", f"{b}.attn1.{d}") for o, d in qkvo),
+        *(R(f"{b}.cross_attn.{o}", f"{b}.attn2.{d}") for o, d in qkvo),
+        R(f"{b}.cross_attn.k_img", f"{b}.attn2.add_k_proj"),  # i2v: the image tokens' keys and values
+        R(f"{b}.cross_attn.v_img", f"{b}.attn2.add_v_proj"),
+        *(R(f"{b}.{a}.norm_{n}", f"{b}.attn{i}.norm_{n}") for a, i in (("self_attn", 1), ("cross_attn", 2))
+          for n in "qk"),
+        R(f"{b}.cross_attn.norm_k_img", f"{b}.attn2.norm_added_k"),
+        R(f"{b}.norm3", f"{b}.norm2"),  # the cross-attention norm (Wan's norm1/norm2 have no scale)
+        R(f"{b}.ffn.0", f"{b}.ffn.net.0.proj"),
+        R(f"{b}.ffn.2", f"{b}.ffn.net.2"),
+        # the adaLN table: a parameter of no module in diffusers (``scale_shift_table``), adapted by full diffs
+        R(f"{b}.modulation", f"{b}.scale_shift_table"),
+    )
+
+
 WAN: tuple[Rule, ...] = (
-    *(R(f"{_W}.self_attn.{o}", f"{_W}.attn1.{d}") for o, d in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))),
-    *(R(f"{_W}.cross_attn.{o}", f"{_W}.attn2.{d}") for o, d in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))),
-    R(f"{_W}.cross_attn.k_img", f"{_W}.attn2.add_k_proj"),
-    R(f"{_W}.cross_attn.v_img", f"{_W}.attn2.add_v_proj"),
-    *(R(f"{_W}.{a}.norm_{n}", f"{_W}.attn{i}.norm_{n}") for a, i in (("self_attn", 1), ("cross_attn", 2))
-      for n in "qk"),
-    R(f"{_W}.cross_attn.norm_k_img", f"{_W}.attn2.norm_added_k"),
-    R(f"{_W}.norm3", f"{_W}.norm2"),  # the cross-attention norm (Wan's norm1/norm2 have no scale)
-    R(f"{_W}.ffn.0", f"{_W}.ffn.net.0.proj"),
-    R(f"{_W}.ffn.2", f"{_W}.ffn.net.2"),
+    *_wan_block("blocks.{i}"),
+    *_wan_block("vace_blocks.{i}"),
+    R("vace_blocks.{i}.before_proj", "vace_blocks.{i}.proj_in"),
+    R("vace_blocks.{i}.after_proj", "vace_blocks.{i}.proj_out"),
+    R("vace_patch_embedding", "vace_patch_embedding"),
     R("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
     R("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
     R("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
@@ -129,8 +142,6 @@ WAN: tuple[Rule, ...] = (
     R("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),  # Linear, GELU, Linear, LayerNorm
     R("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
     R("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
-    # adaLN tables: parameters of no module in diffusers (``scale_shift_table``), so resolving them fails by name
-    R(f"{_W}.modulation", f"{_W}.scale_shift_table"),
     R("head.modulation", "scale_shift_table"),
     R("head.head", "proj_out"),
     R("patch_embedding", "patch_embedding"),
