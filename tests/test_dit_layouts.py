@@ -91,8 +91,10 @@ def test_flux_lora_layouts_whole_matrix(flux, layout, mode):
 @pytest.mark.parametrize("layout", ["kohya", "bfl", "xlabs"])
 def test_flux_double_blocks_match_diffusers(flux, layout):
     """diffusers reads double blocks in these layouts (its single-block split is hard-wired to Flux-dev's width,
-    and it drops the top-level modules), so the comparison is on the double blocks."""
-    sd = lora_file(flux.transformer, "flux", layout, alpha=None if layout == "xlabs" else 3.0, only=r"^double_blocks")
+    and it drops the top-level modules), so the comparison is on the double blocks — and XLabs' single-block
+    proj_lora, a LoRA on linear2 (proj_out), which diffusers does not split."""
+    only = r"^double_blocks|^single_blocks.*proj_lora" if layout == "xlabs" else r"^double_blocks"
+    sd = lora_file(flux.transformer, "flux", layout, alpha=None if layout == "xlabs" else 3.0, only=only)
     ref = fresh(flux)
     ref.load_lora_weights({k: v.clone() for k, v in sd.items()})  # diffusers scales some tensors in place
     ref.fuse_lora()
@@ -100,7 +102,8 @@ def test_flux_double_blocks_match_diffusers(flux, layout):
     pipe = fresh(flux)
     base = effective_weights(pipe.transformer)
     changed = {k for k in theirs if not torch.equal(theirs[k], base[k])}
-    assert len(changed) == (28 if layout != "xlabs" else 16)  # 2 blocks × (qkv split in 3, ×2 streams …)
+    assert len(changed) == (28 if layout != "xlabs" else 18)  # 2 blocks × (qkv split in 3, ×2 streams …)
+    assert layout != "xlabs" or {"single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"} <= changed
     load_unload(pipe, sd, {k: theirs[k] for k in changed}, mode="patch")
 
 

@@ -89,6 +89,7 @@ FLUX: tuple[Rule, ...] = (
     R("double_blocks.{i}.processor.qkv_lora2", *_qkv(f"{_D}.attn", _ADD)),
     R("double_blocks.{i}.processor.proj_lora2", f"{_D}.attn.to_add_out"),
     R("single_blocks.{i}.processor.qkv_lora", *_qkv(f"{_S}.attn")),
+    R("single_blocks.{i}.processor.proj_lora", f"{_S}.proj_out"),  # on linear2's input (attention ‖ MLP)
 )
 
 _J, _X, _C = "transformer_blocks.{i}", "joint_blocks.{i}.x_block", "joint_blocks.{i}.context_block"
