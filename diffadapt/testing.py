@@ -337,7 +337,8 @@ def tiny_wan_i2v_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32,
     (``cross_attn.k_img`` / ``v_img`` / ``norm_k_img`` → ``attn2.add_k_proj`` / ``add_v_proj`` / ``norm_added_k``).
     The transformer takes the noise, the encoded first frame and its 4-channel mask: 36 input channels.
 
-    Pass ``image=`` (a PIL image), ``height=16, width=16, num_frames=5`` to generate.
+    Pass ``image=`` (a PIL image), ``height=16, width=16, num_frames=5`` to generate; text embeddings passed as
+    ``prompt_embeds`` need 512 tokens (diffusers' Wan attention splits image from text context at 512).
     """
     build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
 
