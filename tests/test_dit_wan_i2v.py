@@ -29,8 +29,9 @@ def i2v_file(model, layout: str) -> dict[str, torch.Tensor]:
     there, and its musubi converter reads block modules only)."""
     if layout == "musubi":
         return lora_file(model, "wan", "kohya", alpha=2.0, only=r"^blocks")
-    return lora_file(model, "wan", "bfl", alpha=2.0, only=r"^blocks") | lora_file(
-        model, "wan", "bfl", alpha=None, only=r"^img_emb", seed=1)
+    spelling = {"comfyui": "bfl", "comfyui_ab": "bfl_ab"}[layout]  # lora_down/up or lora_A/B
+    return lora_file(model, "wan", spelling, alpha=2.0, only=r"^blocks") | lora_file(
+        model, "wan", spelling, alpha=None, only=r"^img_emb", seed=1)
 
 
 def i2v_frames(pipe):
@@ -58,7 +59,7 @@ EMBEDDER = {"condition_embedder.image_embedder.ff.net.0.proj", "condition_embedd
 
 
 @pytest.mark.parametrize("mode", ["patch", "inject"])
-@pytest.mark.parametrize("layout", ["comfyui", "musubi"])
+@pytest.mark.parametrize("layout", ["comfyui", "comfyui_ab", "musubi"])
 def test_wan_i2v_layouts_match_diffusers(i2v, layout, mode):
     sd = i2v_file(i2v.transformer, layout)
     assert any("cross_attn_k_img" in k or "cross_attn.k_img" in k for k in sd)
@@ -67,7 +68,7 @@ def test_wan_i2v_layouts_match_diffusers(i2v, layout, mode):
     assert I2V_MODULES <= set(ref) and (layout == "musubi" or EMBEDDER <= set(ref))
     pipe = copy.deepcopy(i2v)
     info = load_unload(pipe, sd, ref, mode=mode)
-    assert info.layout == {"comfyui": "Wan ComfyUI", "musubi": "Wan musubi-tuner"}[layout]
+    assert info.layout == ("Wan musubi-tuner" if layout == "musubi" else "Wan ComfyUI")
     assert info.modules == len(ref) and info.base_family == "wan"
 
 
