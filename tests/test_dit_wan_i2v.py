@@ -14,7 +14,7 @@ from PIL import Image
 
 import diffadapt as da
 from diffadapt.testing import param_hashes, tiny_wan_i2v_pipeline
-from dit_files import lora_file
+from dit_files import effective_weights, lora_file
 from test_dit_layouts import load_unload
 from test_dit_wan_qwen import diffusers_reference
 
@@ -178,3 +178,19 @@ def test_wan_modulation_diffs_on_scale_shift_tables(i2v, key):
         da.load(pipe, lora, name="a")
     assert param_hashes(pipe) == before
 
+
+
+def test_wan22_second_expert_as_a_bare_transformer(i2v):
+    """Wan 2.2 A14B pipelines hold a second expert (``transformer_2``) that no component name covers: a file for it
+    loads onto that module directly, as diffusers' load_into_transformer_2 does."""
+    expert = copy.deepcopy(i2v.transformer)
+    sd = i2v_file(expert, "comfyui") | {"diffusion_model.blocks.0.diff_m": torch.ones(1, 6, 24) * 0.1}
+    ref = diffusers_reference(i2v, {k: v for k, v in sd.items() if "diff_m" not in k})
+    before, table = param_hashes(expert), expert.blocks[0].scale_shift_table.detach().clone()
+    info = da.load(expert, dict(sd), name="low_noise")
+    assert info.layout == "Wan ComfyUI" and info.methods == {"lora": len(ref), "full": 1}
+    ours = effective_weights(expert)
+    assert max((ours[k] - w).abs().max().item() for k, w in ref.items()) <= 1e-6
+    assert torch.allclose(expert.blocks[0].scale_shift_table, table + 0.1, atol=1e-7, rtol=0)
+    da.unload(expert)
+    assert param_hashes(expert) == before
