@@ -72,7 +72,8 @@ def load_unload(pipe, sd, ref, *, mode):
     return info
 
 
-LAYOUTS = {"kohya": "Flux kohya", "bfl": "Flux ComfyUI/BFL", "bfl_ab": "Flux ComfyUI/BFL", "xlabs": "Flux XLabs"}
+LAYOUTS = {"kohya": "Flux kohya", "bfl": "Flux ComfyUI/BFL", "bfl_ab": "Flux ComfyUI/BFL", "ldm": "Flux ComfyUI/BFL",
+           "xlabs": "Flux XLabs"}
 
 
 @pytest.mark.parametrize("mode", ["patch", "inject"])

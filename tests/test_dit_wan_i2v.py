@@ -194,3 +194,12 @@ def test_wan22_second_expert_as_a_bare_transformer(i2v):
     assert torch.allclose(expert.blocks[0].scale_shift_table, table + 0.1, atol=1e-7, rtol=0)
     da.unload(expert)
     assert param_hashes(expert) == before
+
+
+def test_wan_t2v_file_on_i2v_model_matches_diffusers(i2v):
+    """diffusers pads a text-to-video LoRA with zero image projections on an i2v model: the same weights."""
+    sd = lora_file(i2v.transformer, "wan", "bfl", alpha=2.0, only=r"^blocks\.\{i\}\.(self|cross)_attn\.[qkvo]$")
+    assert not any("_img" in k for k in sd)
+    ref = diffusers_reference(i2v, sd)
+    assert not I2V_MODULES & set(ref)
+    load_unload(copy.deepcopy(i2v), sd, ref, mode="patch")
