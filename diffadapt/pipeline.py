@@ -110,8 +110,8 @@ def _parameter_site(root: nn.Module, name: str) -> ParameterSite | None:
     except AttributeError:
         return None
     param = owner._parameters.get(attr)
-    if param is None or isinstance(owner, PATCHABLE) or _is_norm(owner):
-        return None  # a module's own weight or bias is adapted through the module
+    if param is None or attr in ("weight", "bias"):
+        return None  # a module's own weight or bias is adapted (or refused) through the module
     sites = owner.__dict__.setdefault("_diffadapt_sites", {})
     if sites.get(attr) is None or sites[attr].weight is not param:
         sites[attr] = ParameterSite(param)
