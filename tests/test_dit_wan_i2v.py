@@ -176,6 +176,8 @@ def test_wan_modulation_diffs_on_scale_shift_tables(i2v, key):
         (".lora_down.weight", torch.ones(2, 24)), (".lora_up.weight", torch.ones(6, 2)))}
     with pytest.raises(da.ShapeError, match=rf"→ transformer\.{re.escape(param)}: .*only a full diff, not lora"):
         da.load(pipe, lora, name="a")
+    with pytest.raises(da.KeyMappingError, match=r"match no module.*'transformer\.proj_out\.weight'"):
+        da.load(pipe, {"transformer.proj_out.weight.diff": torch.ones(64, 24)}, name="a")  # a module's own weight
     assert param_hashes(pipe) == before
 
 
