@@ -7,7 +7,8 @@ Trainers name DiT modules after the original implementations, not diffusers: Flu
 XLabs' processor names (``double_blocks.0.processor.qkv_lora1``). One table per family lists each native
 module once; its pattern matches every spelling ('.' or '_' between parts). A native module that diffusers
 splits (fused q/k/v, Flux's single-block ``linear1``) maps to several modules: a :class:`~diffadapt.spec.Fused`.
-Qwen-Image's native names are diffusers' own, so it needs only the prefixes.
+Qwen-Image's native names are diffusers' own, so it needs only the prefixes. Wan's adaLN tables (``modulation``)
+are bare ``scale_shift_table`` parameters in diffusers: only full diffs reach them (``pipeline.ParameterSite``).
 """
 
 from __future__ import annotations
