@@ -160,6 +160,48 @@ def error_text(page, button: str, message: str) -> str:
     return page.inner_text("#status .error")
 
 
+def reload(page, studio) -> None:
+    """A fresh session (an empty stack) with every card of the folder shown."""
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_selector("#generate")
+    for name in studio.available():
+        page.get_by_role("button", name=f"+ {name}", exact=True).wait_for()
+
+
+def test_a_card_click_sent_before_a_re_render_adds_that_card(page, server):
+    """A click the browser sent for "+ film" while the card list re-rendered (here: replayed after it) adds film.
+
+    The list re-renders when the folder changes; a click already on its way was addressed to the handler of the
+    previous render. It must still add the card that was clicked, not fail and not add a neighbour.
+    """
+    studio = server[1]
+    reload(page, studio)
+    sent: list[tuple[str, str]] = []
+    page.on("request", lambda r: sent.append((r.url, r.post_data)) if "/queue/join" in r.url else None)
+    page.get_by_role("button", name="+ film", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#status').innerText.includes('added film')")
+    url, click = sent[0]
+    page.click("#slot-0-remove")
+    page.wait_for_selector("#slot-0", state="detached")
+    film = studio.adapter_dir / "film.safetensors"
+    st = film.stat()
+    os.utime(film, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # refresh unloads film: it changed
+    (studio.adapter_dir / "aaa.safetensors").write_bytes((studio.adapter_dir / "grain.safetensors").read_bytes())
+    page.click("#refresh")  # the list re-renders with a new first card
+    page.get_by_role("button", name="+ aaa", exact=True).wait_for()
+    assert "film" not in studio.loaded()
+    reply = page.request.post(url, data=click, headers={"Content-Type": "application/json"})
+    assert reply.ok, reply.text()
+    for _ in range(100):
+        if "film" in studio.loaded():
+            break
+        page.wait_for_timeout(100)
+    assert "film" in studio.loaded() and "aaa" not in studio.loaded()
+    (studio.adapter_dir / "aaa.safetensors").unlink()
+    studio.refresh()
+    reload(page, studio)
+
+
 def test_sliders_tags_and_off_in_the_browser(page, server):
     studio = server[1]
     set_number(page, "#seed", 0)

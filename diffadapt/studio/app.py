@@ -22,6 +22,9 @@ from .core import BLOCK_PRESETS, MERGE_METHODS, Cancelled, Request, Slot, Studio
 log = logging.getLogger("diffadapt.studio")
 PER_SLOT = 4  # on, weight, te, preset
 PRIVATE = {"api_visibility": "private"}
+# Gradio numbers a session's handlers from one counter without a lock: two renders running at once (the cards
+# and the stack after an upload) can give two handlers one id, so a card's click runs another's. One at a time.
+RENDER = {"concurrency_id": "studio-render", "concurrency_limit": 1}
 CSS = """
 .card { min-width: 150px; }
 .card .meta { font-size: 0.85em; line-height: 1.3; }
@@ -99,7 +102,18 @@ def build_app(studio: Studio) -> gr.Blocks:
         gr.Markdown("## diffadapt studio\nStack adapter styles. A1111 tags such as `<lora:ink:0.8>` or "
                     "`<lora:ink:0.5:1>` (text encoder, UNet) in the prompt win over the sliders.")
         stack = gr.State([])
-        cards = gr.State(studio.catalog())
+
+        def add_slot(current: list[str] | None, name: str):
+            current = list(current or [])
+            if name in current:
+                return current, status_html(f"{name} is already in the stack")
+            try:
+                studio.load(name)
+            except Exception as e:  # noqa: BLE001 — shown to the user
+                return current, failure(e)
+            return [*current, name], status_html(f"added {name}")
+
+        cards = gr.State([])  # filled on page load, so a reloaded page sees uploads and merges
         with gr.Row():
             with gr.Column(scale=2, min_width=320):
                 with gr.Row():
@@ -108,7 +122,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                                              elem_id="upload", size="sm")
                 status = gr.HTML(elem_id="status")
 
-                @gr.render(inputs=[cards], triggers=[cards.change, app.load])
+                @gr.render(inputs=[cards], triggers=[cards.change], **RENDER)
                 def show_cards(items):
                     with gr.Row(equal_height=False):
                         for card in items:
@@ -118,8 +132,11 @@ def build_app(studio: Studio) -> gr.Blocks:
                                     gr.Image(studio.preview(name), show_label=False, height=96, interactive=False,
                                              buttons=[], container=False, key=f"preview-{name}")
                                 gr.HTML(card_html(card), key=f"meta-{name}")
+                                # the click carries its card's name as its own data (not a handler id that a
+                                # re-render may have moved), and keeps one handler per name across re-renders
+                                own = gr.Textbox(name, visible=False, key=f"name-{name}")
                                 add = gr.Button(f"+ {name}", size="sm", elem_classes=["card-add"], key=f"add-{name}")
-                                add.click(lambda cur, n=name: add_slot(cur, n), [stack], [stack, status], **PRIVATE)
+                                add.click(add_slot, [stack, own], [stack, status], key=f"add-{name}", **PRIVATE)
 
             with gr.Column(scale=3):
                 prompt = gr.Textbox("a photo of a cat", label="Prompt", lines=2, elem_id="prompt", interactive=True)
@@ -169,15 +186,6 @@ def build_app(studio: Studio) -> gr.Blocks:
 
         settings = [prompt, negative, seed, steps, cfg, width, height, sampler]
 
-        def add_slot(current: list[str], name: str):
-            if name in current:
-                return current, status_html(f"{name} is already in the stack")
-            try:
-                studio.load(name)
-            except Exception as e:  # noqa: BLE001 — shown to the user
-                return current, failure(e)
-            return [*current, name], status_html(f"added {name}")
-
         def axis_choices(current: list[str]):
             return gr.update(choices=current, value=[n for n in current][:3]), gr.update(choices=current)
 
@@ -188,7 +196,7 @@ def build_app(studio: Studio) -> gr.Blocks:
             return studio.catalog(), status_html(f"{len(studio.available())} adapters in {studio.adapter_dir}")
 
         refresh_btn.click(refreshed, [], [cards, status], **PRIVATE)
-        app.load(lambda: studio.catalog(), [], [cards], **PRIVATE)  # a reloaded page sees uploads and merges
+        app.load(lambda: studio.catalog(), [], [cards], **PRIVATE)
 
         def uploaded(file, current):
             if not file:
@@ -203,7 +211,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         upload.upload(uploaded, [upload, stack], [cards, stack, status], **PRIVATE)
 
         with slot_area:
-            @gr.render(inputs=[stack], triggers=[stack.change, app.load])
+            @gr.render(inputs=[stack], triggers=[stack.change, app.load], **RENDER)
             def show_slots(names: list[str]):
                 slot_inputs = []
                 if not names:
