@@ -4,6 +4,7 @@ PNG/infotext contract, concurrency, merges, and the adapter folder's defences (n
 from __future__ import annotations
 
 import os
+import re
 import runpy
 import shutil
 import sys
@@ -13,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import diffadapt as da
 from diffadapt.cli import main as cli_main
 from diffadapt.infotext import adapter_hash, load_png, read
+from diffadapt.io import write_safetensors
 from diffadapt.prompt import parse
 from diffadapt.studio import Cancelled, Request, Slot, UnsafeNameError, demo_studio
 from diffadapt.studio.launch import parser as studio_parser
@@ -252,3 +255,76 @@ def test_samplers_follow_the_scheduler():
     assert {"Euler", "Euler a", "DPM++ 2M", "DDIM", "UniPC"} <= set(samplers_for(euler))
     with pytest.raises(da.UnsupportedError, match="not available"):
         make_scheduler(flow, "DDIM")
+
+
+# -- block presets per model family ----------------------------------------------------------------------
+
+_BLOCK_KEY = re.compile(r"(?:lora_unet_|transformer\.)(down_blocks|up_blocks|mid_block|single_transformer_blocks|"
+                        r"transformer_blocks)[._](\d+)?")
+_KIND = {"down_blocks": "down", "up_blocks": "up", "mid_block": "mid", "transformer_blocks": "blocks",
+         "single_transformer_blocks": "single_blocks"}
+
+
+def _dit_lora(pipe, folder: Path, name: str) -> None:
+    """A diffusers-format LoRA on every attention q/k/v of the transformer, and on proj_out (outside any block)."""
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    for n, m in pipe.transformer.named_modules():
+        if isinstance(m, torch.nn.Linear) and (n.endswith(("attn.to_q", "attn.to_k", "attn.to_v")) or n == "proj_out"):
+            sd[f"transformer.{n}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.3
+            sd[f"transformer.{n}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.3
+    write_safetensors(folder / f"{name}.safetensors", sd, {})
+
+
+def _named(preset: dict, kind: str, index: int | None) -> bool:
+    v = preset[kind]
+    return bool(v[index] if isinstance(v, list) else v)
+
+
+@pytest.mark.parametrize("family, offered", [
+    ("sd1", ["all", "down only", "mid only", "up only", "down + mid", "down + up", "mid + up"]),
+    ("flux", ["all", "blocks only", "single_blocks only"]),
+    ("sd3", ["all", "blocks 0 only", "blocks 1 only"]),  # one kind of block: its halves
+])
+def test_presets_are_the_models_blocks_and_change_exactly_those(family, offered, studio, request, tmp_path):
+    """Each preset equals the adapter file cut down to the blocks it names (an independent reference: no block
+    weights at all), differs from "all", and is what diffadapt reports per module while the image is made."""
+    from diffadapt.pipeline import registry
+    from diffadapt.studio import Studio
+    from diffadapt.weights import block_of
+
+    if family == "sd1":
+        st, name = studio, "ink"
+    else:
+        pipe = request.getfixturevalue(family)
+        st, name = Studio(pipe, adapter_dir=tmp_path), "style"
+        _dit_lora(pipe, tmp_path, name)
+    assert list(st.presets) == offered
+    file = st.adapter_dir / f"{name}.safetensors"
+    tensors, req, w = load_file(str(file)), R, 0.8
+    everything = image(st, req, {name: w})
+    for k, label in enumerate(offered[1:]):
+        preset = st.presets[label]
+        seen: dict[str, float] = {}
+
+        def report(step, total):
+            loaded = registry(st.pipe).adapters[name]
+            seen.update({f"{t.component}:{t.module_name}": loaded.strength(t.component, t.module_name)
+                         for t in loaded.targets})
+
+        got = image(st, req, {name: Slot(w, preset=label)}, on_step=report)
+        for where, strength in seen.items():
+            component, module = where.split(":")
+            hit = block_of(module) if component == st.denoiser else None
+            assert strength == pytest.approx(w if hit is None or _named(preset, *hit) else 0.0), (label, where)
+        assert any(s == 0.0 for s in seen.values()) and any(s != 0.0 for s in seen.values())
+        cut = {key: v for key, v in tensors.items()
+               if (m := _BLOCK_KEY.match(key)) is None or _named(preset, _KIND[m[1]], m[2] and int(m[2]))}
+        assert len(cut) < len(tensors)
+        write_safetensors(st.adapter_dir / f"cut-{family}-{k}.safetensors", cut, {})
+        assert np.array_equal(got, image(st, req, {f"cut-{family}-{k}": w})), label
+        assert not np.array_equal(got, everything), label
+        assert f"Lora block weights: {name}={label}" in st.generate(req, {name: Slot(w, preset=label)})[0].infotext
+        (st.adapter_dir / f"cut-{family}-{k}.safetensors").unlink()
+    with pytest.raises(da.DiffAdaptError, match="does not exist for this"):
+        st.generate(req, {name: Slot(w, preset="up only" if family != "sd1" else "blocks only")})

@@ -232,6 +232,7 @@ def test_sliders_tags_and_off_in_the_browser(page, server):
     page.fill("#slot-0-te input", "")
     page.locator("#slot-0-te input").blur()
     page.click("#slot-0-preset input")
+    assert [t.split("\n")[-1] for t in page.get_by_role("option").all_inner_texts()] == list(studio.presets)
     page.get_by_role("option", name="up only", exact=True).click()
     assert np.array_equal(generate(page), direct(studio, slots={"ink": Slot(1.0, preset="up only")}))
     assert "Lora block weights: ink=up only" in page.input_value("#infotext textarea")

@@ -4,9 +4,10 @@
 browser. Gradio is imported only by :mod:`diffadapt.studio.app`.
 """
 
-from .core import BLOCK_PRESETS, MERGE_METHODS, Cancelled, Request, Result, Slot, Studio
+from .core import MERGE_METHODS, Cancelled, Request, Result, Slot, Studio
 from .demo import DEMO_ADAPTERS, demo_studio, write_demo_adapters
+from .presets import presets_for
 from .paths import AdapterFolder, UnsafeNameError, check_name
 
-__all__ = ["Studio", "Request", "Result", "Slot", "Cancelled", "BLOCK_PRESETS", "MERGE_METHODS", "demo_studio",
+__all__ = ["Studio", "Request", "Result", "Slot", "Cancelled", "MERGE_METHODS", "presets_for", "demo_studio",
            "write_demo_adapters", "DEMO_ADAPTERS", "AdapterFolder", "UnsafeNameError", "check_name"]

@@ -17,7 +17,7 @@ import gradio as gr
 
 from ..errors import DiffAdaptError
 from ..prompt import format_number
-from .core import BLOCK_PRESETS, MERGE_METHODS, Cancelled, Request, Slot, Studio
+from .core import MERGE_METHODS, Cancelled, Request, Slot, Studio
 
 log = logging.getLogger("diffadapt.studio")
 PER_SLOT = 4  # on, weight, te, preset
@@ -224,7 +224,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                                            elem_id=f"slot-{i}-weight", interactive=True, scale=4)
                         te = gr.Number(None, label="text encoder (empty: weight)", key=f"te-{name}",
                                        elem_id=f"slot-{i}-te", interactive=True, scale=2, min_width=90)
-                        preset = gr.Dropdown(list(BLOCK_PRESETS), value="all", label="blocks", key=f"p-{name}",
+                        preset = gr.Dropdown(list(studio.presets), value="all", label=f"{studio.denoiser} blocks", key=f"p-{name}",
                                              elem_id=f"slot-{i}-preset", interactive=True, scale=2, min_width=100)
                         remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"slot-{i}-remove")
                         remove.click(lambda cur, n=name: [x for x in cur if x != n], [stack], [stack], **PRIVATE)

@@ -29,19 +29,9 @@ from ..pipeline import registry, resolve
 from ..prompt import TEXT_ENCODERS, parse
 from .grid import compose
 from .paths import AdapterFolder, FileBytes, check_name, parse_safetensors
+from .presets import presets_for, scaled
 
 MERGE_METHODS = ("svd", "cat", "linear", "ties", "dare")
-# LoRA-block-weight style presets: strength per UNet block kind, times the slot's UNet weight
-BLOCK_PRESETS: dict[str, dict[str, float] | None] = {
-    "all": None,
-    "down only": {"down": 1.0, "mid": 0.0, "up": 0.0},
-    "mid only": {"down": 0.0, "mid": 1.0, "up": 0.0},
-    "up only": {"down": 0.0, "mid": 0.0, "up": 1.0},
-    "down + up": {"down": 1.0, "mid": 0.0, "up": 1.0},
-    "mid + up": {"down": 0.0, "mid": 1.0, "up": 1.0},
-}
-
-
 class Cancelled(DiffAdaptError):
     """The request was cancelled between two denoising steps."""
 
@@ -109,6 +99,7 @@ class Studio:
         self.output_dir = Path(output_dir or tempfile.mkdtemp(prefix="diffadapt-studio-out-"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+        self.presets = presets_for(getattr(pipe, self.denoiser))  # the block presets this model has
         self._adapters: dict[str, _Adapter] = {}
         self._catalog: dict[str, tuple[FileBytes, dict[str, Any]]] = {}
         self._cancelled: set[str] = set()
@@ -197,16 +188,13 @@ class Studio:
     # -- stacks ---------------------------------------------------------------------------------------
 
     def _weight(self, slot: Slot) -> Any:
-        if slot.preset not in BLOCK_PRESETS:
-            raise DiffAdaptError(f"unknown block preset '{slot.preset}' (choose one of {list(BLOCK_PRESETS)})")
-        preset = BLOCK_PRESETS[slot.preset]
-        if preset is not None and self.denoiser != "unet":
-            raise DiffAdaptError(f"block preset '{slot.preset}' is for UNet models; this model has a transformer")
+        if slot.preset not in self.presets:
+            raise DiffAdaptError(f"block preset '{slot.preset}' does not exist for this {self.denoiser} "
+                                 f"(choose one of {list(self.presets)})")
+        preset = self.presets[slot.preset]
         if preset is None and slot.te is None:
             return float(slot.unet)
-        den: Any = float(slot.unet)
-        if preset is not None:
-            den = {**{k: slot.unet * v for k, v in preset.items()}, "default": float(slot.unet)}
+        den: Any = float(slot.unet) if preset is None else scaled(preset, float(slot.unet))
         return {self.denoiser: den, **{c: float(slot.text) for c in TEXT_ENCODERS}}
 
     def stack(self, prompt: str, slots: Mapping[str, Slot | float] | None = None) -> Stack:
