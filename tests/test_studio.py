@@ -328,3 +328,34 @@ def test_presets_are_the_models_blocks_and_change_exactly_those(family, offered,
         (st.adapter_dir / f"cut-{family}-{k}.safetensors").unlink()
     with pytest.raises(da.DiffAdaptError, match="does not exist for this"):
         st.generate(req, {name: Slot(w, preset="up only" if family != "sd1" else "blocks only")})
+
+
+def test_cancel_while_waiting_for_the_pipeline_runs_no_step(studio, monkeypatch):
+    """A request cancelled while another holds the pipeline stops before its first denoising step."""
+    import threading
+
+    from diffadapt.pipeline import registry
+
+    calls: list[int] = []
+    hook = studio.pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    lock, errors, started = registry(studio.pipe).lock, [], threading.Event()
+    check = studio._check
+    monkeypatch.setattr(studio, "_check", lambda req: (started.set(), check(req))[1])  # after its old cancel cleared
+
+    def waiting():
+        try:
+            studio.generate(R, {"ink": 1.0}, token="waiter")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    try:
+        assert lock.acquire(timeout=30)
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        assert started.wait(30)
+        studio.cancel("waiter")
+        lock.release()
+        thread.join(60)
+    finally:
+        hook.remove()
+    assert [type(e) for e in errors] == [Cancelled] and calls == []

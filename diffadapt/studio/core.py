@@ -234,6 +234,8 @@ class Studio:
 
         generator = torch.Generator("cpu").manual_seed(seed)
         with da.using(self.pipe, stack.weights), torch.no_grad():
+            if token is not None and token in self._cancelled:  # cancelled while waiting for the pipeline
+                raise Cancelled("cancelled")
             base = self.pipe.scheduler
             self.pipe.scheduler = make_scheduler(base, req.sampler)
             try:
