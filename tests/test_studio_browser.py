@@ -202,6 +202,39 @@ def test_a_card_click_sent_before_a_re_render_adds_that_card(page, server):
     reload(page, studio)
 
 
+def test_a_generate_click_sent_before_the_stack_re_rendered_uses_the_stack_shown(page, server):
+    """Generate pressed with the stack [ink at 0.4] and sent just as the stack became [film] (replayed after the
+    re-render) makes the image of ink at 0.4: not an error, not film's. (A click whose stack had another number of
+    slots is refused with a message: the values it carries cannot be matched to the new slots.)"""
+    studio = server[1]
+    reload(page, studio)
+    set_number(page, "#seed", 0)
+    page.get_by_role("button", name="+ ink", exact=True).click()
+    page.wait_for_selector("#slot-0-weight")
+    page.wait_for_timeout(300)
+    set_number(page, "#slot-0-weight", 0.4)
+    sent: list[tuple[str, str]] = []
+    page.on("request", lambda r: sent.append((r.url, r.post_data)) if "/queue/join" in r.url else None)
+    generate(page)
+    url, click = sent[0]
+    page.click("#slot-0-remove")
+    page.wait_for_selector("#slot-0", state="detached")
+    page.get_by_role("button", name="+ film", exact=True).click()
+    page.wait_for_selector("#slot-0-weight")
+    before = set(studio.output_dir.glob("*.png"))
+    reply = page.request.post(url, data=click, headers={"Content-Type": "application/json"})
+    assert reply.ok, reply.text()
+    for _ in range(100):
+        if new := set(studio.output_dir.glob("*.png")) - before:
+            break
+        page.wait_for_timeout(100)
+    assert len(new) == 1
+    path = new.pop()
+    assert [(a.name, a.unet) for a in load_png(path).adapters] == [("ink", 0.4)]
+    assert np.array_equal(px(Image.open(path)), direct(studio, slots={"ink": 0.4}))
+    reload(page, studio)
+
+
 def test_sliders_tags_and_off_in_the_browser(page, server):
     studio = server[1]
     set_number(page, "#seed", 0)
@@ -281,6 +314,12 @@ def test_grid_axes():
         ["film -1", "film 1"], ["ink 0.5"], [[{"film": -1.0, "ink": 0.5}], [{"film": 1.0, "ink": 0.5}]])
     with pytest.raises(da.DiffAdaptError, match="X weights"):
         grid_axes("adapter × weight", ["ink"], "a, b", None, "")
+    from diffadapt.studio.app import slots_from
+
+    assert slots_from(["ink", "film"], (True, 0.5, None, "up only", False, 1, 2, "all")) == {
+        "ink": Slot(0.5, None, "up only")}
+    with pytest.raises(da.DiffAdaptError, match="stack changed"):  # values of a stack with another length
+        slots_from(["ink"], (True, 0.5, None, "all", True, 1.0, None, "all"))
 
 
 def test_grid_in_the_browser(page, server):

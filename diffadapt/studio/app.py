@@ -9,6 +9,7 @@ next to the controls (a ``<lora:…>`` in a message stays visible); API errors r
 from __future__ import annotations
 
 import html
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,8 @@ def grid_axes(mode: str, rows: list[str], x_weights: str, y_adapter: str | None,
 
 def slots_from(names: list[str], values: tuple[Any, ...]) -> dict[str, Slot]:
     """{name: Slot} for the switched-on slots; ``values`` holds PER_SLOT values per slot."""
+    if len(values) != PER_SLOT * len(names):
+        raise DiffAdaptError("the stack changed while this request was sent; press the button again")
     out = {}
     for i, name in enumerate(names):
         on, weight, te, preset = values[i * PER_SLOT:(i + 1) * PER_SLOT]
@@ -227,72 +230,81 @@ def build_app(studio: Studio) -> gr.Blocks:
                         preset = gr.Dropdown(list(studio.presets), value="all", label=f"{studio.denoiser} blocks", key=f"p-{name}",
                                              elem_id=f"slot-{i}-preset", interactive=True, scale=2, min_width=100)
                         remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"slot-{i}-remove")
-                        remove.click(lambda cur, n=name: [x for x in cur if x != n], [stack], [stack], **PRIVATE)
+                        remove.click(lambda cur, n=name: [x for x in cur if x != n], [stack], [stack],
+                                     key=f"remove-{name}", **PRIVATE)
                     slot_inputs += [on, weight, te, preset]
 
+                # The buttons keep one handler each across re-renders (keys), and every click sends the stack it
+                # was made with (this hidden list, first) with the slot values: a click sent just before a re-render
+                # reaches the new handler and still means the stack the page showed.
+                shown_names = gr.Textbox(json.dumps(names), visible=False)
+
                 def run(request: gr.Request, progress=gr.Progress(), *values):
-                    req, slot_values, n = request_and_slots(values)
-                    token = request.session_hash if request else None
                     try:
-                        results = studio.generate(req, slots_from(names, slot_values), batch=n, token=token,
+                        req, slots, n = request_and_slots(values)
+                        results = studio.generate(req, slots, batch=n, token=token(request),
                                                   on_step=lambda k, total: progress((k, total), desc="denoising"))
                     except Exception as e:  # noqa: BLE001
                         return gr.update(), gr.update(), failure(e)
                     return [str(r.path) for r in results], results[0].infotext, status_html(
                         f"seed {results[0].seed}" + (f"…{results[-1].seed}" if len(results) > 1 else ""))
 
-                def compare(request: gr.Request, *values):
-                    req, slot_values, _ = request_and_slots(values)
+                def compare(request: gr.Request, progress=gr.Progress(), *values):
                     try:
-                        with_, without = studio.compare(req, slots_from(names, slot_values),
-                                                        token=request.session_hash if request else None)
+                        req, slots, _ = request_and_slots(values)
+                        with_, without = studio.compare(req, slots, token=token(request),
+                                                        on_step=lambda k, total: progress((k, total), desc="compare"))
                     except Exception as e:  # noqa: BLE001
                         return gr.update(), gr.update(), failure(e)
                     return (str(with_.path), str(without.path)), with_.infotext, status_html("left: with, right: without")
 
                 def grid(request: gr.Request, progress=gr.Progress(), *values):
                     (mode, rows, x_weights, y_adapter, y_weights), values = values[:5], values[5:]
-                    req, slot_values, _ = request_and_slots(values)
                     try:
+                        req, slots, _ = request_and_slots(values)
                         row_labels, col_labels, cells = grid_axes(mode, rows or [], x_weights, y_adapter, y_weights)
-                        result, _ = studio.grid(req, slots_from(names, slot_values), rows=row_labels,
-                                                columns=col_labels, cells=cells,
-                                                token=request.session_hash if request else None,
+                        result, _ = studio.grid(req, slots, rows=row_labels, columns=col_labels, cells=cells,
+                                                token=token(request),
                                                 on_step=lambda k, total: progress((k, total), desc="grid"))
                     except Exception as e:  # noqa: BLE001
                         return gr.update(), failure(e)
                     return str(result.path), status_html(f"grid of {len(row_labels)} × {len(col_labels)}")
 
-                def merge(name, method, rank, text, *slot_values):
+                def merge(shown, name, method, rank, text, *slot_values):
                     try:
                         path, error = studio.merge((name or "").strip(), method=method,
                                                    rank=int(rank) if rank not in (None, "", 0) else None,
-                                                   tags=text or "", slots=slots_from(names, slot_values))
+                                                   tags=text or "", slots=slots_from(json.loads(shown), slot_values))
+                        download = studio.download(path)
                     except Exception as e:  # noqa: BLE001
                         return gr.update(), gr.update(), failure(e)
-                    return str(studio.download(path)), studio.catalog(), status_html(
+                    return str(download), studio.catalog(), status_html(
                         f"saved {path.name} ({method}); relative approximation error {error:.3g}")
 
-                common = [*settings, batch, *slot_inputs]
+                common = [shown_names, *settings, batch, *slot_inputs]
                 events = [
-                    generate_btn.click(run, common, [gallery, info, status], **PRIVATE),
-                    compare_btn.click(compare, common, [slider, info, status], **PRIVATE),
+                    generate_btn.click(run, common, [gallery, info, status], key="generate", **PRIVATE),
+                    compare_btn.click(compare, common, [slider, info, status], key="compare", **PRIVATE),
                     grid_btn.click(grid, [grid_mode, grid_rows, grid_x, grid_y_adapter, grid_y, *common],
-                                   [grid_out, status], **PRIVATE),
+                                   [grid_out, status], key="grid", **PRIVATE),
                 ]
-                merge_btn.click(merge, [merge_name, merge_method, merge_rank, prompt, *slot_inputs],
-                                [merge_file, cards, status], **PRIVATE)
+                merge_btn.click(merge, [shown_names, merge_name, merge_method, merge_rank, prompt, *slot_inputs],
+                                [merge_file, cards, status], key="merge", **PRIVATE)
 
                 def cancel(request: gr.Request):
                     if request is not None:
                         studio.cancel(request.session_hash)
                     return status_html("Cancelled.", error=True)
 
-                cancel_btn.click(cancel, [], [status], cancels=events, **PRIVATE)
+                cancel_btn.click(cancel, [], [status], cancels=events, key="cancel", **PRIVATE)
 
-        def request_and_slots(values: tuple[Any, ...]) -> tuple[Request, tuple[Any, ...], int]:
+        def token(request: gr.Request | None) -> str | None:
+            return request.session_hash if request else None
+
+        def request_and_slots(values: tuple[Any, ...]) -> tuple[Request, dict[str, Slot], int]:
             n = len(settings)
-            return request(*values[:n]), values[n + 1:], int(values[n] or 1)
+            names = json.loads(values[0])
+            return request(*values[1:n + 1]), slots_from(names, values[n + 2:]), int(values[n + 1] or 1)
 
         add_api(studio, request)
     return app

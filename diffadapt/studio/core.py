@@ -295,13 +295,15 @@ class Studio:
         return results
 
     def compare(self, req: Request, slots: Mapping[str, Slot | float] | None = None, *,
-                token: str | None = None) -> tuple[Result, Result]:
+                token: str | None = None, on_step: Callable[[int, int], None] | None = None) -> tuple[Result, Result]:
         """(with the stack, without any adapter) on the same seed and settings; the prompt's tags are dropped."""
         self._start(token)
         req = self._check(req)
-        with_ = self._generate(req, slots, token=token)[0]
+        halves = [None, None] if on_step is None else [
+            (lambda k, n, h=h: on_step(h * n + k, 2 * n)) for h in (0, 1)]  # noqa: E731
+        with_ = self._generate(req, slots, token=token, on_step=halves[0])[0]
         plain = replace(req, prompt=parse(req.prompt).prompt)
-        return with_, self._generate(plain, {}, token=token)[0]
+        return with_, self._generate(plain, {}, token=token, on_step=halves[1])[0]
 
     def grid(self, req: Request, slots: Mapping[str, Slot | float] | None, *, rows: list[str], columns: list[str],
              cells: list[list[dict[str, float]]], token: str | None = None,
