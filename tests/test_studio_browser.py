@@ -168,6 +168,18 @@ def reload(page, studio) -> None:
         page.get_by_role("button", name=f"+ {name}", exact=True).wait_for()
 
 
+def ink_stack(page, studio) -> None:
+    """The page with the stack [ink at 1] (each test sets it up itself: tests may run on another worker)."""
+    if (page.locator("#slot-0-on").count() and "ink" in page.inner_text("#slot-0-on")
+            and not page.locator("#slot-1").count() and page.input_value("#slot-0-weight input[type=number]") == "1"
+            and page.input_value("#slot-0-te input") == "" and page.input_value("#slot-0-preset input") == "all"):
+        return
+    reload(page, studio)
+    page.get_by_role("button", name="+ ink", exact=True).click()
+    page.wait_for_selector("#slot-0-weight")
+    page.wait_for_timeout(300)
+
+
 def test_a_card_click_sent_before_a_re_render_adds_that_card(page, server):
     """A click the browser sent for "+ film" while the card list re-rendered (here: replayed after it) adds film.
 
@@ -275,6 +287,7 @@ def test_sliders_tags_and_off_in_the_browser(page, server):
 
 def test_compare_in_the_browser(page, server):
     studio = server[1]
+    ink_stack(page, studio)
     open_section(page, "With / without", "#compare-out")
     page.click("#compare")
     page.wait_for_function("() => document.querySelectorAll('#compare-out img').length >= 2")
@@ -289,6 +302,7 @@ def test_compare_in_the_browser(page, server):
 
 def test_upload_and_refresh_in_the_browser(page, server, tmp_path):
     studio = server[1]
+    ink_stack(page, studio)
     upload = tmp_path / "ink.safetensors"  # the name of a loaded adapter: it gets a new one
     upload.write_bytes((studio.adapter_dir / "film.safetensors").read_bytes())
     ink = (studio.adapter_dir / "ink.safetensors").read_bytes()
@@ -323,6 +337,7 @@ def test_grid_axes():
 
 
 def test_grid_in_the_browser(page, server):
+    ink_stack(page, server[1])
     open_section(page, "X/Y grid", "#grid-x textarea")
     # the accordion mounts its fields when opened: wait for the initial value before typing over it
     page.wait_for_function("() => document.querySelector('#grid-x textarea').value === '0, 0.5, 1'")
@@ -337,6 +352,7 @@ def test_grid_in_the_browser(page, server):
 
 def test_merge_and_download(page, server):
     studio = server[1]
+    ink_stack(page, studio)
     open_section(page, "Merge the stack into one LoRA", "#merge-name textarea")
     page.fill("#merge-name textarea", "browser-mix")
     page.click("#merge")
@@ -375,6 +391,7 @@ def test_progress_and_cancel_in_the_browser(page, server):
     from diffadapt.pipeline import registry
 
     studio = server[1]
+    ink_stack(page, studio)
     calls: list[int] = []
     hook = studio.pipe.unet.register_forward_hook(lambda *a: calls.append(1))
     try:
