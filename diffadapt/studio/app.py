@@ -227,8 +227,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                                            elem_id=f"slot-{i}-weight", interactive=True, scale=4)
                         te = gr.Number(None, label="text encoder (empty: weight)", key=f"te-{name}",
                                        elem_id=f"slot-{i}-te", interactive=True, scale=2, min_width=90)
-                        preset = gr.Dropdown(list(studio.presets), value="all", label=f"{studio.denoiser} blocks", key=f"p-{name}",
-                                             elem_id=f"slot-{i}-preset", interactive=True, scale=2, min_width=100)
+                        preset = gr.Dropdown(list(studio.presets), value="all", label=f"{studio.denoiser} blocks",
+                                             key=f"p-{name}", elem_id=f"slot-{i}-preset", interactive=True, scale=2,
+                                             min_width=100)
                         remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"slot-{i}-remove")
                         remove.click(lambda cur, n=name: [x for x in cur if x != n], [stack], [stack],
                                      key=f"remove-{name}", **PRIVATE)
