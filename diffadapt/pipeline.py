@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 import warnings
 from collections import Counter, defaultdict
@@ -220,6 +221,19 @@ def _family_label(family: str) -> str:
     return dit.FAMILY_NAMES.get(family, family)
 
 
+# Keys of a model variant the target lacks: said in the error, since "matches no module" alone reads like a bug.
+_VARIANTS = (
+    (re.compile(r"(^|[._])(k_img|v_img|norm_k_img|img_emb)([._]|$)"),
+     "Its image-branch keys (k_img, v_img, img_emb) are those of a Wan image-to-video model; this model has no "
+     "image branch"),
+    (re.compile(r"(^|[._])vace_"), "Its vace_ keys are those of a Wan VACE model; this model has no VACE blocks"),
+)
+
+
+def _variant_hint(keys: list[str]) -> str:
+    return "".join(f" {text}." for pattern, text in _VARIANTS if any(pattern.search(k) for k in keys))
+
+
 def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
     file_family, fam = guess_family(spec), model_family(target)
     other_family = not _same_family(file_family, fam)
@@ -249,7 +263,7 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
     if clashes:
         parts.append(f"{len(clashes)} match modules of another shape, e.g. {clashes[0]}")
     layout = f"{spec.layout} layout; " if spec.layout else ""
-    msg = f"{spec.source}: {layout}" + "; ".join(parts) + "." + (hint + "." if hint else "")
+    msg = f"{spec.source}: {layout}" + "; ".join(parts) + "." + (hint + "." if hint else "") + _variant_hint(keys)
     # the denoiser part of the file matching nothing is not "the rest": never load only the text encoders
     denoiser_lost = any(c in DENOISERS for c in missing) and not any(
         t.component in DENOISERS for t in found) and not isinstance(target, nn.Module)
