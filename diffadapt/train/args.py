@@ -8,6 +8,8 @@ import argparse
 import sys
 from dataclasses import dataclass, field, fields
 
+from .flow import SCHEMES
+
 METHODS = ("lora", "loha", "lokr", "oft", "waveft")
 SAVE_FORMATS = ("diffusers", "kohya", "peft")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -63,6 +65,12 @@ class TrainConfig:
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     guidance_scale: float = 3.5
+    # flow matching (SD3, Flux); None: the family's default (diffusers' SD3 / Flux script)
+    weighting_scheme: str | None = None
+    logit_mean: float | None = None
+    logit_std: float | None = None
+    mode_scale: float | None = None
+    precondition_outputs: int | None = None
     mixed_precision: str | None = None
     allow_tf32: bool = False
     seed: int | None = None
@@ -144,6 +152,17 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
     add("--snr_gamma", type=float, help="Min-SNR loss weighting gamma (SD1/SDXL; 5.0 is usual)")
     add("--noise_offset", type=float, default=0.0, help="offset noise strength (e.g. 0.05)")
     add("--guidance_scale", type=float, default=3.5, help="Flux guidance value fed to guidance-distilled models")
+
+    g = p.add_argument_group("flow matching (SD3, Flux; defaults as diffusers' SD3 / Flux scripts)")
+    add = g.add_argument
+    add("--weighting_scheme", choices=SCHEMES, help="timestep density and loss weighting: logit_normal and mode "
+        "draw timesteps non-uniformly, sigma_sqrt and cosmap weight the loss, none is uniform and unweighted "
+        "(default: logit_normal for SD3, none for Flux)")
+    add("--logit_mean", type=float, help="mean of the logit_normal density (default 0.0)")
+    add("--logit_std", type=float, help="std of the logit_normal density (default 1.0)")
+    add("--mode_scale", type=float, help="scale of the mode density (default 1.29)")
+    add("--precondition_outputs", type=int, choices=[0, 1], help="1: supervise x_t - sigma * prediction with the "
+        "clean latents (EDM preconditioning; the velocity loss scaled by sigma^2). Default: 1 for SD3, 0 for Flux")
     add("--mixed_precision", choices=["no", "fp16", "bf16"],
         help="autocast precision; frozen weights are stored in it (default: accelerate's config)")
     add("--allow_tf32", action="store_true", help="allow TF32 matmuls on Ampere+ GPUs")

@@ -8,7 +8,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint
+import math
+
+from . import checkpoint, flow
 from .adapters import KOHYA_METHODS
 from .args import TrainConfig
 from .data import TrainInputError, check_images, list_images
@@ -22,6 +24,7 @@ class Plan:
     instance_images: list[Path]
     class_dir: Path | None
     resume: Path | None
+    flow: flow.FlowOptions | None = None  # SD3/Flux timestep density and loss weighting
 
 
 def _positive(config: TrainConfig) -> None:
@@ -75,6 +78,22 @@ def _output(config: TrainConfig, output_dir: Path) -> Path | None:
     return resume
 
 
+def _flow(config: TrainConfig, family: Family) -> flow.FlowOptions | None:
+    given = [f"--{k}" for k in flow.FLAGS if getattr(config, k) is not None]
+    if not family.flow:
+        if given:
+            raise TrainInputError(f"{', '.join(given)}: flow-matching options (SD3, Flux); {family.name} is a DDPM "
+                                  "model (its loss weighting is --snr_gamma)")
+        return None
+    opts = flow.options(family.name, config)
+    if not (math.isfinite(opts.logit_std) and opts.logit_std > 0) or not math.isfinite(opts.logit_mean):
+        raise TrainInputError(f"--logit_mean {opts.logit_mean} --logit_std {opts.logit_std}: need finite values "
+                              "and a positive std")
+    if not -1.0 <= opts.mode_scale <= 2 / (math.pi - 2):  # SD3 paper, sec. 3.1: else the density leaves [0, 1]
+        raise TrainInputError(f"--mode_scale {opts.mode_scale}: must be in [-1, {2 / (math.pi - 2):.4f}]")
+    return opts
+
+
 def check(config: TrainConfig) -> Plan:
     _positive(config)
     if "kohya" in config.save_format and config.method not in KOHYA_METHODS:
@@ -97,7 +116,9 @@ def check(config: TrainConfig) -> Plan:
     family = detect(index, where=config.pretrained_model_name_or_path)
     if config.snr_gamma is not None and family.flow:
         raise TrainInputError(f"--snr_gamma: Min-SNR weighting is for DDPM models; {family.name} uses flow matching")
+    flow_options = _flow(config, family)
     _latent_grid(Path(config.pretrained_model_name_or_path).expanduser(), family, config.resolution)
     output_dir = Path(config.output_dir).expanduser()
     resume = _output(config, output_dir)
-    return Plan(family=family, output_dir=output_dir, instance_images=instance, class_dir=class_dir, resume=resume)
+    return Plan(family=family, output_dir=output_dir, instance_images=instance, class_dir=class_dir, resume=resume,
+                flow=flow_options)

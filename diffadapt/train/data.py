@@ -168,6 +168,30 @@ class BatchPlan:
         return [(int(order[k % self.n_items]), epoch) for k in range(start, start + self.batch_size)]
 
 
+@dataclass(frozen=True)
+class Accumulation:
+    """Which micro-batches make one optimizer step, as in diffusers' scripts under accelerate: windows of
+    ``steps`` micro-batches that restart at every epoch, the epoch's last window possibly shorter (accelerate
+    syncs at the end of the dataloader), so an epoch is ``ceil(per_epoch / steps)`` optimizer steps."""
+
+    per_epoch: int
+    steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.per_epoch / self.steps)
+
+    def first_micro(self, step: int) -> int:
+        """The micro-batch that optimizer step ``step`` (0-based) starts with."""
+        epoch, s = divmod(step, self.steps_per_epoch)
+        return epoch * self.per_epoch + min(s * self.steps, self.per_epoch)
+
+    def position(self, micro: int) -> tuple[int, bool]:
+        """(index of ``micro`` in its window, whether it ends the window)."""
+        p = micro % self.per_epoch
+        return p % self.steps, (p + 1) % self.steps == 0 or p == self.per_epoch - 1
+
+
 class _Sampler(torch.utils.data.Sampler):
     def __init__(self, plan: BatchPlan, start: int, stop: int):
         self.plan, self.start, self.stop = plan, start, stop

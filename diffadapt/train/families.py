@@ -3,8 +3,8 @@ the denoiser is called and supervised.
 
 SD1/SD2 and SDXL are DDPM models (epsilon or v-prediction from the scheduler config; SDXL adds its pooled text
 embedding and size/crop time ids); SD3 and Flux are flow-matching transformers (the target is the velocity
-``noise - latents``; timesteps are drawn uniformly from the scheduler's shifted table). Prompt encoding follows
-each pipeline's own ``encode_prompt`` (a test checks they agree) but runs through the accelerate-prepared text
+``noise - latents``; timesteps from the scheduler's shifted table, drawn and weighted as in ``flow``). Prompt
+encoding follows each pipeline's own ``encode_prompt`` (a test checks they agree) but runs through the accelerate-prepared text
 encoders, so their adapters train under DDP.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import flow
 from .data import TrainInputError
 
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -175,24 +176,28 @@ def to_latents(family: Family, vae_config, sample: torch.Tensor) -> torch.Tensor
 class Noised:
     noisy: torch.Tensor
     timesteps: torch.Tensor
-    target: torch.Tensor
+    target: torch.Tensor  # DDPM: noise or velocity; flow: the velocity noise - latents
+    latents: torch.Tensor
+    noise: torch.Tensor
+    sigmas: torch.Tensor | None = None  # flow: (B, 1, 1, 1)
 
 
 def add_noise(family: Family, scheduler, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> Noised:
-    """``u`` in [0, 1) per sample picks the timestep (the caller draws it from its own generator)."""
+    """``u`` in [0, 1] per sample picks the timestep (the caller draws it from its own generator)."""
+    if family.flow:  # diffusers' SD3/Flux scripts: timesteps[idx], get_sigmas, (1 - sigma) x + sigma noise
+        idx = flow.table_index(scheduler, u).to(scheduler.timesteps.device)
+        timesteps = scheduler.timesteps[idx].to(latents.device)
+        sigma = scheduler.sigmas.to(device=latents.device, dtype=latents.dtype)[idx.to(latents.device)]
+        sigma = sigma.view(-1, *([1] * (latents.ndim - 1)))
+        return Noised((1.0 - sigma) * latents + sigma * noise, timesteps, noise - latents, latents, noise, sigma)
     n = scheduler.config.num_train_timesteps
-    idx = (u * n).long().clamp_(max=n - 1)
-    if family.flow:
-        timesteps = scheduler.timesteps.to(latents.device)[idx]
-        sigma = scheduler.sigmas.to(device=latents.device, dtype=latents.dtype)[idx].view(-1, 1, 1, 1)
-        return Noised((1.0 - sigma) * latents + sigma * noise, timesteps, noise - latents)
-    timesteps = idx.to(latents.device)
+    timesteps = (u * n).long().clamp_(max=n - 1).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    return Noised(noisy, timesteps, target)
+    return Noised(noisy, timesteps, target, latents, noise)
 
 
 def predict(family: Family, denoiser, noised: Noised, cond: dict[str, torch.Tensor], *, batch: dict,
@@ -217,7 +222,7 @@ def predict(family: Family, denoiser, noised: Noised, cond: dict[str, torch.Tens
     txt_ids = torch.zeros(hidden.shape[1], 3, device=x.device, dtype=dtype)
     config = getattr(denoiser, "module", denoiser).config
     g = torch.full((b,), guidance, device=x.device, dtype=torch.float32) if config.guidance_embeds else None
-    out = denoiser(hidden_states=packed, timestep=t.to(dtype) / 1000, guidance=g,
+    out = denoiser(hidden_states=packed, timestep=t / 1000, guidance=g,
                    pooled_projections=cond["pooled"].to(dtype), encoder_hidden_states=hidden, txt_ids=txt_ids,
                    img_ids=img_ids, return_dict=False)[0]
     return FluxPipeline._unpack_latents(out, h * vae_scale, w * vae_scale, vae_scale)

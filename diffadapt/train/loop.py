@@ -1,6 +1,6 @@
 """The training run: checks, model, adapters, accelerate, the step loop, checkpoints, validation, export.
 
-Reproducibility: every random draw of a micro-batch (VAE sample, noise, timestep, offset noise) comes from a
+Reproducibility: every random draw of a micro-batch (VAE sample, noise, offset noise, timestep) comes from a
 generator seeded by (seed, micro-batch, rank), and data order/augmentation from (seed, epoch, index) — so a
 run resumed from a checkpoint (adapters, optimizer, LR schedule restored by accelerate) continues bit for bit
 as the uninterrupted run would, and every rank draws its own noise.
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, export, families
+from . import checkpoint, data, export, families, flow
 from .adapters import inject, peft_config
 from .args import TrainConfig
 from .checks import Plan, check
@@ -133,6 +133,24 @@ def _encode(family, encoders, ids, joint_dim, *, grad: bool) -> dict[str, torch.
         return families.encode(family, encoders, ids, joint_dim=joint_dim)
 
 
+def _loss(config: TrainConfig, plan: Plan, scheduler, pred: torch.Tensor, noised: families.Noised,
+          n: int) -> torch.Tensor:
+    """diffusers' DreamBooth loss: batch = n instance examples, then class examples (prior preservation)."""
+    if plan.family.flow:
+        return flow.loss(plan.flow, pred, noisy=noised.noisy, latents=noised.latents, noise=noised.noise,
+                         sigmas=noised.sigmas, n_instance=n, prior_loss_weight=config.prior_loss_weight)
+    pred, target = pred.float(), noised.target.float()
+    if config.snr_gamma is not None:  # Min-SNR on the instance part (train_text_to_image_lora*.py's weights)
+        weights = families.snr_weights(scheduler, noised.timesteps[:n], config.snr_gamma)
+        per = F.mse_loss(pred[:n], target[:n], reduction="none").mean(dim=list(range(1, pred.ndim)))
+        loss = (per * weights).mean()
+    else:
+        loss = F.mse_loss(pred[:n], target[:n])
+    if pred.shape[0] > n:
+        loss = loss + config.prior_loss_weight * F.mse_loss(pred[n:], target[n:])
+    return loss
+
+
 def _validate(config: TrainConfig, pipe, accelerator, *, step: int, seed: int, models, tag: str) -> None:
     """Images from --validation_prompt with the adapters being trained; saved and sent to the trackers."""
     import numpy as np
@@ -213,7 +231,8 @@ def train(config: TrainConfig) -> TrainResult:
     batches = data.BatchPlan(n_items=len(dataset), batch_size=config.train_batch_size, world=world, rank=rank,
                              seed=seed)
     ga = config.gradient_accumulation_steps
-    max_steps = config.max_train_steps or config.num_train_epochs * math.ceil(batches.per_epoch / ga)
+    windows = data.Accumulation(per_epoch=batches.per_epoch, steps=ga)
+    max_steps = config.max_train_steps or config.num_train_epochs * windows.steps_per_epoch
     lr = config.learning_rate * (ga * config.train_batch_size * world if config.scale_lr else 1)
     optimizer = _optimizer(config, params, lr)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * world,
@@ -262,9 +281,12 @@ def train(config: TrainConfig) -> TrainResult:
     for m in models:
         m.train()
     accum: list[torch.Tensor] = []
-    stream = data.loader(dataset, batches, start=global_step * ga, stop=max_steps * ga,
+    start, stop = windows.first_micro(global_step), windows.first_micro(max_steps)
+    stream = data.loader(dataset, batches, start=start, stop=stop,
                          workers=config.dataloader_num_workers)
-    for micro, batch in zip(range(global_step * ga, max_steps * ga), stream):
+    for micro, batch in zip(range(start, stop), stream):
+        index, last = windows.position(micro)
+        accelerator.step = ga - 1 if last else index  # accumulate() then syncs exactly at the window's end
         with accelerator.accumulate(*models):
             gen = torch.Generator("cpu").manual_seed(data.torch_seed(seed, 4, micro, rank))
             if "pixels" in batch:
@@ -278,7 +300,8 @@ def train(config: TrainConfig) -> TrainResult:
             noise = torch.randn(latents.shape, generator=gen)
             if config.noise_offset:
                 noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
-            u = torch.rand(latents.shape[0], generator=gen)
+            b = latents.shape[0]
+            u = flow.draw(plan.flow, b, gen) if family.flow else torch.rand(b, generator=gen)
             noised = families.add_noise(family, scheduler, latents, noise.to(device), u.to(device))
             n = batch["n_instance"]
             conds = fixed or {k: _encode(family, run_encoders, v, joint_dim, grad=True) for k, v in ids.items()}
@@ -289,15 +312,7 @@ def train(config: TrainConfig) -> TrainResult:
             with accelerator.autocast():
                 pred = families.predict(family, models[0], noised, cond, batch=batch, resolution=config.resolution,
                                         vae_scale=vae_scale, guidance=config.guidance_scale, dtype=weight_dtype)
-            pred, target = pred.float(), noised.target.float()
-            if config.snr_gamma is not None:
-                weights = families.snr_weights(scheduler, noised.timesteps[:n], config.snr_gamma)
-                per = F.mse_loss(pred[:n], target[:n], reduction="none").mean(dim=list(range(1, pred.ndim)))
-                loss = (per * weights).mean()
-            else:
-                loss = F.mse_loss(pred[:n], target[:n])
-            if pred.shape[0] > n:
-                loss = loss + config.prior_loss_weight * F.mse_loss(pred[n:], target[n:])
+            loss = _loss(config, plan, scheduler, pred, noised, n)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -319,8 +334,8 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         if global_step % config.checkpointing_steps == 0:
             checkpoint.save(accelerator, plan.output_dir, global_step,
-                            {"step": global_step, "seed": seed, "world": world, "micro_batch": global_step * ga,
-                             "epoch": global_step * ga // batches.per_epoch},
+                            {"step": global_step, "seed": seed, "world": world, "micro_batch": micro + 1,
+                             "epoch": (micro + 1) // batches.per_epoch},
                             total_limit=config.checkpoints_total_limit)
         end_of_epoch = (micro + 1) % batches.per_epoch == 0
         epoch = (micro + 1) // batches.per_epoch - 1
