@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from .flow import SCHEMES
 
@@ -14,6 +14,15 @@ METHODS = ("lora", "loha", "lokr", "oft", "waveft")
 SAVE_FORMATS = ("diffusers", "kohya", "peft")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "piecewise_constant", "cosine_with_min_lr", "warmup_stable_decay")
+
+
+# defaults of diffusers' train_dreambooth_lora.py (SD1/SD2) and train_dreambooth_lora_{sdxl,sd3,flux}.py; an SD1
+# text encoder shares the denoiser's LR and weight decay (one parameter group in that script)
+_DIT = {"learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
+        "adam_weight_decay_text_encoder": 1e-3}
+FAMILY_DEFAULTS = {"sd1": {"learning_rate": 5e-4, "adam_weight_decay": 1e-2, "resolution": 512},
+                   "sdxl": {**_DIT, "resolution": 1024}, "sd3": {**_DIT, "resolution": 512},
+                   "flux": {**_DIT, "resolution": 512}}
 
 
 @dataclass(kw_only=True)
@@ -27,7 +36,7 @@ class TrainConfig:
     revision: str | None = None
     variant: str | None = None
     # data
-    resolution: int = 512
+    resolution: int | None = None  # None: the family's default (FAMILY_DEFAULTS)
     center_crop: bool = False
     random_flip: bool = False
     class_data_dir: str | None = None
@@ -50,7 +59,8 @@ class TrainConfig:
     max_train_steps: int | None = None
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
-    learning_rate: float = 5e-4
+    learning_rate: float | None = None
+    text_encoder_lr: float | None = None
     scale_lr: bool = False
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 500
@@ -59,7 +69,8 @@ class TrainConfig:
     use_8bit_adam: bool = False
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
+    adam_weight_decay: float | None = None
+    adam_weight_decay_text_encoder: float | None = None
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     snr_gamma: float | None = None
@@ -88,6 +99,10 @@ class TrainConfig:
     overwrite: bool = False
     local_rank: int = -1
 
+    def with_family_defaults(self, family: str) -> TrainConfig:
+        """A copy with the options left unset given the default of diffusers' script for ``family``."""
+        return replace(self, **{k: v for k, v in FAMILY_DEFAULTS[family].items() if getattr(self, k) is None})
+
     @property
     def network_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
@@ -107,7 +122,8 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
     add("--instance_data_dir", required=True, help="folder of the subject's images")
     add("--instance_prompt", required=True, help="prompt with the identifier of the subject, e.g. 'a photo of sks "
         "dog'; stored as the adapter's trigger phrase")
-    add("--resolution", type=int, default=512, help="images are resized (short side) and cropped to this size")
+    add("--resolution", type=int, help="images are resized (short side) and cropped to this size (default: 1024 "
+        "for SDXL, else 512)")
     add("--center_crop", action="store_true", help="crop the centre (default: a random crop)")
     add("--random_flip", action="store_true", help="flip images horizontally at random")
     add("--with_prior_preservation", action="store_true", help="add the prior-preservation loss on class images")
@@ -137,7 +153,9 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
     add("--max_train_steps", type=int, help="optimizer steps to train")
     add("--gradient_accumulation_steps", type=int, default=1, help="batches accumulated per optimizer step")
     add("--gradient_checkpointing", action="store_true", help="recompute activations in backward to save memory")
-    add("--learning_rate", type=float, default=5e-4, help="peak learning rate")
+    add("--learning_rate", type=float, help="peak learning rate (default: 5e-4 for SD1/SD2, else 1e-4)")
+    add("--text_encoder_lr", type=float, help="learning rate of the text encoders' adapters, not scaled by "
+        "--scale_lr (default: 5e-6 for SDXL/SD3/Flux; SD1/SD2: --learning_rate)")
     add("--scale_lr", action="store_true", help="multiply the LR by processes x batch size x accumulation")
     add("--lr_scheduler", choices=SCHEDULERS, default="constant", help="learning-rate schedule (diffusers')")
     add("--lr_warmup_steps", type=int, default=500, help="warmup steps of the schedule")
@@ -146,7 +164,9 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
     add("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (needs bitsandbytes)")
     add("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
     add("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    add("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
+    add("--adam_weight_decay", type=float, help="AdamW weight decay (default: 1e-2 for SD1/SD2, else 1e-4)")
+    add("--adam_weight_decay_text_encoder", type=float, help="AdamW weight decay of the text encoders' adapters "
+        "(default: 1e-3 for SDXL/SD3/Flux; SD1/SD2: --adam_weight_decay)")
     add("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
     add("--snr_gamma", type=float, help="Min-SNR loss weighting gamma (SD1/SDXL; 5.0 is usual)")

@@ -24,13 +24,14 @@ class Plan:
     instance_images: list[Path]
     class_dir: Path | None
     resume: Path | None
+    config: TrainConfig  # with the family's defaults filled in
     flow: flow.FlowOptions | None = None  # SD3/Flux timestep density and loss weighting
 
 
 def _positive(config: TrainConfig) -> None:
     if config.max_train_steps is not None and config.max_train_steps < 1:
         raise TrainInputError(f"--max_train_steps {config.max_train_steps}: must be at least 1")
-    for flag in ("num_train_epochs", "resolution", "rank", "train_batch_size", "gradient_accumulation_steps",
+    for flag in ("num_train_epochs", "rank", "train_batch_size", "gradient_accumulation_steps",
                  "checkpointing_steps", "sample_batch_size", "num_validation_images", "validation_epochs"):
         if getattr(config, flag) < 1:
             raise TrainInputError(f"--{flag} {getattr(config, flag)}: must be at least 1")
@@ -38,10 +39,14 @@ def _positive(config: TrainConfig) -> None:
         raise TrainInputError(f"--checkpoints_total_limit {config.checkpoints_total_limit}: must be at least 1")
     if config.with_prior_preservation and config.num_class_images < 1:
         raise TrainInputError(f"--num_class_images {config.num_class_images}: must be at least 1")
-    if config.learning_rate <= 0:
-        raise TrainInputError(f"--learning_rate {config.learning_rate}: must be positive")
-    for flag in ("lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "noise_offset", "prior_loss_weight"):
-        if getattr(config, flag) < 0:
+    if config.resolution is not None and config.resolution < 1:
+        raise TrainInputError(f"--resolution {config.resolution}: must be at least 1")
+    for flag in ("learning_rate", "text_encoder_lr"):
+        if getattr(config, flag) is not None and not getattr(config, flag) > 0:
+            raise TrainInputError(f"--{flag} {getattr(config, flag)}: must be positive")
+    for flag in ("lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "noise_offset", "prior_loss_weight",
+                 "adam_weight_decay", "adam_weight_decay_text_encoder"):
+        if getattr(config, flag) is not None and getattr(config, flag) < 0:
             raise TrainInputError(f"--{flag} {getattr(config, flag)}: must not be negative")
 
 
@@ -117,8 +122,9 @@ def check(config: TrainConfig) -> Plan:
     if config.snr_gamma is not None and family.flow:
         raise TrainInputError(f"--snr_gamma: Min-SNR weighting is for DDPM models; {family.name} uses flow matching")
     flow_options = _flow(config, family)
+    config = config.with_family_defaults(family.name)
     _latent_grid(Path(config.pretrained_model_name_or_path).expanduser(), family, config.resolution)
     output_dir = Path(config.output_dir).expanduser()
     resume = _output(config, output_dir)
     return Plan(family=family, output_dir=output_dir, instance_images=instance, class_dir=class_dir, resume=resume,
-                flow=flow_options)
+                config=config, flow=flow_options)

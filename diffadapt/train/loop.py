@@ -100,14 +100,22 @@ def _class_images(config: TrainConfig, plan: Plan, pipe, accelerator, seed: int,
     return have[: config.num_class_images]
 
 
-def _optimizer(config: TrainConfig, params, lr: float):
+def _optimizer(config: TrainConfig, groups: dict[str, list[torch.nn.Parameter]], lr: float, *, denoiser: str):
+    """AdamW over the denoiser's adapter and, in their own group, the text encoders' (diffusers' scripts:
+    --text_encoder_lr / --adam_weight_decay_text_encoder, which SD1 leaves at the denoiser's values)."""
+    te = [p for name, group in groups.items() if name != denoiser for p in group]
+    param_groups = [{"params": groups[denoiser], "lr": lr, "weight_decay": config.adam_weight_decay}]
+    if te:
+        param_groups.append({"params": te, "lr": lr if config.text_encoder_lr is None else config.text_encoder_lr,
+                             "weight_decay": config.adam_weight_decay if config.adam_weight_decay_text_encoder is None
+                             else config.adam_weight_decay_text_encoder})
     kwargs = dict(lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
     if config.use_8bit_adam:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
 
 
 def _cache_latents(dataset: data.DreamBoothDataset, vae, *, batch: int, flips: bool, device, dtype,
@@ -183,6 +191,7 @@ def _validate(config: TrainConfig, pipe, accelerator, *, step: int, seed: int, m
 def train(config: TrainConfig) -> TrainResult:
     """Run DreamBooth training as configured; returns the per-step losses and the files written."""
     plan = check(config)  # everything that can fail before the model loads
+    config = plan.config  # the family's defaults filled in
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -214,12 +223,13 @@ def train(config: TrainConfig) -> TrainResult:
     trained = {family.denoiser: denoiser}
     if config.train_text_encoder:
         trained.update({n: getattr(pipe, n) for n in family.trainable_encoders if getattr(pipe, n, None) is not None})
-    peft_configs, params = {}, []
+    peft_configs, groups = {}, {}
     for name, module in trained.items():
         targets = list(family.targets) if name == family.denoiser else CLIP_TARGETS
         peft_configs[name] = peft_config(config.method, rank=config.rank, alpha=config.network_alpha,
                                          targets=targets, model=module)
-        params += inject(module, peft_configs[name])
+        groups[name] = inject(module, peft_configs[name])
+    params = [p for group in groups.values() for p in group]
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         for name in trained:
@@ -234,7 +244,7 @@ def train(config: TrainConfig) -> TrainResult:
     windows = data.Accumulation(per_epoch=batches.per_epoch, steps=ga)
     max_steps = config.max_train_steps or config.num_train_epochs * windows.steps_per_epoch
     lr = config.learning_rate * (ga * config.train_batch_size * world if config.scale_lr else 1)
-    optimizer = _optimizer(config, params, lr)
+    optimizer = _optimizer(config, groups, lr, denoiser=family.denoiser)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)

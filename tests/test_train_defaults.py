@@ -1,0 +1,82 @@
+"""Options left unset take the default of the diffusers script for the model's family, and the text encoders'
+adapters train in their own AdamW group (--text_encoder_lr, --adam_weight_decay_text_encoder) as in
+train_dreambooth_lora_{sdxl,sd3,flux}.py; SD1/SD2's share the denoiser's group values (train_dreambooth_lora.py)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffadapt import testing
+from diffadapt.train import checks, loop, parse_args, train
+
+PROMPT = "a photo of sks dog"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("instance")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / "0.png")
+    return folder
+
+
+def _argv(model, images, out, *extra):
+    return ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images), "--instance_prompt",
+            PROMPT, "--output_dir", str(out), *extra]
+
+
+# the scripts' argparse defaults (train_dreambooth_lora.py serves SD1 and SD2)
+@pytest.mark.parametrize("class_name, expected", [
+    ("StableDiffusionPipeline", dict(learning_rate=5e-4, adam_weight_decay=1e-2, resolution=512,
+                                     text_encoder_lr=None, adam_weight_decay_text_encoder=None)),
+    ("StableDiffusionXLPipeline", dict(learning_rate=1e-4, adam_weight_decay=1e-4, resolution=1024,
+                                       text_encoder_lr=5e-6, adam_weight_decay_text_encoder=1e-3)),
+    ("StableDiffusion3Pipeline", dict(learning_rate=1e-4, adam_weight_decay=1e-4, resolution=512,
+                                      text_encoder_lr=5e-6, adam_weight_decay_text_encoder=1e-3)),
+    ("FluxPipeline", dict(learning_rate=1e-4, adam_weight_decay=1e-4, resolution=512, text_encoder_lr=5e-6,
+                          adam_weight_decay_text_encoder=1e-3)),
+])
+def test_unset_options_take_the_family_scripts_defaults(tmp_path, images, class_name, expected):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    plan = checks.check(parse_args(_argv(model, images, tmp_path / "out")))
+    assert {k: getattr(plan.config, k) for k in expected} == expected
+    given = checks.check(parse_args(_argv(model, images, tmp_path / "out", "--learning_rate", "3e-4",
+                                          "--resolution", "64", "--adam_weight_decay", "0")))
+    assert (given.config.learning_rate, given.config.resolution, given.config.adam_weight_decay) == (3e-4, 64, 0.0)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("build, extra, expected", [
+    # (denoiser lr, wd), (text encoders lr, wd), text-encoder parameter count relative to the denoiser's group
+    ("sdxl", [], ((1e-4, 1e-4), (5e-6, 1e-3))),
+    ("sdxl", ["--text_encoder_lr", "2e-5", "--adam_weight_decay_text_encoder", "0.5", "--learning_rate", "1e-3"],
+     ((1e-3, 1e-4), (2e-5, 0.5))),
+    ("sd1", ["--scale_lr", "--train_batch_size", "2"], ((1e-3, 1e-2), (1e-3, 1e-2))),
+    ("sd1", ["--text_encoder_lr", "1e-5"], ((5e-4, 1e-2), (1e-5, 1e-2))),
+])
+def test_text_encoder_parameter_group(tmp_path, images, monkeypatch, build, extra, expected):
+    model = tmp_path / build
+    getattr(testing, f"tiny_{build}_pipeline")().save_pretrained(model)
+    made = []
+    real = loop._optimizer
+
+    def spy(config, groups, lr, **kw):
+        made.append((real(config, groups, lr, **kw), groups))
+        raise _Stop
+
+    monkeypatch.setattr(loop, "_optimizer", spy)
+    with pytest.raises(_Stop):
+        train(parse_args(_argv(model, images, tmp_path / "out", "--resolution", "16", "--train_text_encoder",
+                               *extra)))
+    optimizer, groups = made[0]
+    got = tuple((g["lr"], g["weight_decay"]) for g in optimizer.param_groups)
+    assert got == expected
+    te = [p for name, group in groups.items() if name != "unet" for p in group]
+    assert len(groups) == (3 if build == "sdxl" else 2) and te
+    assert [len(g["params"]) for g in optimizer.param_groups] == [len(groups["unet"]), len(te)]
