@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from diffadapt import testing
-from diffadapt.train import checks, loop, parse_args, train
+from diffadapt.train import checks, loop, main, parse_args, train
 
 PROMPT = "a photo of sks dog"
 
@@ -80,3 +80,29 @@ def test_text_encoder_parameter_group(tmp_path, images, monkeypatch, build, extr
     te = [p for name, group in groups.items() if name != "unet" for p in group]
     assert len(groups) == (3 if build == "sdxl" else 2) and te
     assert [len(g["params"]) for g in optimizer.param_groups] == [len(groups["unet"]), len(te)]
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory, images):
+    """An SD1 run (LoRA rank 4, frozen text encoder) stopped with checkpoint-1."""
+    root = tmp_path_factory.mktemp("resume")
+    testing.tiny_sd1_pipeline().save_pretrained(root / "sd1")
+    train(parse_args(_argv(root / "sd1", images, root / "out", "--resolution", "16", "--max_train_steps", "1",
+                           "--checkpointing_steps", "1", "--save_format", "diffusers")))
+    return root
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rank", "8"], "trained with rank 4, this run has 8"),
+    (["--method", "loha"], "trained with method 'lora', this run has 'loha'"),
+    (["--alpha", "1"], "trained with alpha 4.0, this run has 1.0"),
+    (["--train_text_encoder"], "trained with train_text_encoder False, this run has True"),
+])
+def test_resume_under_other_adapter_settings_is_refused(checkpointed, images, capsys, monkeypatch, extra, message):
+    root = checkpointed
+    monkeypatch.setattr(loop.families, "load_pipeline", lambda *a, **k: pytest.fail("model loaded before the check"))
+    argv = _argv(root / "sd1", images, root / "out", "--resolution", "16", "--max_train_steps", "2",
+                 "--resume_from_checkpoint", "latest", *extra)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "checkpoint-1" in err, err

@@ -126,5 +126,7 @@ def check(config: TrainConfig) -> Plan:
     _latent_grid(Path(config.pretrained_model_name_or_path).expanduser(), family, config.resolution)
     output_dir = Path(config.output_dir).expanduser()
     resume = _output(config, output_dir)
+    if resume is not None:
+        checkpoint.check_compatible(resume, checkpoint.settings(config, family.name))
     return Plan(family=family, output_dir=output_dir, instance_images=instance, class_dir=class_dir, resume=resume,
                 config=config, flow=flow_options)

@@ -345,7 +345,8 @@ def train(config: TrainConfig) -> TrainResult:
         if global_step % config.checkpointing_steps == 0:
             checkpoint.save(accelerator, plan.output_dir, global_step,
                             {"step": global_step, "seed": seed, "world": world, "micro_batch": micro + 1,
-                             "epoch": (micro + 1) // batches.per_epoch},
+                             "epoch": (micro + 1) // batches.per_epoch,
+                             "settings": checkpoint.settings(config, family.name)},
                             total_limit=config.checkpoints_total_limit)
         end_of_epoch = (micro + 1) % batches.per_epoch == 0
         epoch = (micro + 1) // batches.per_epoch - 1
