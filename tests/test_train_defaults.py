@@ -106,3 +106,21 @@ def test_resume_under_other_adapter_settings_is_refused(checkpointed, images, ca
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "checkpoint-1" in err, err
+
+
+def test_text_encoder_checkpointing_trains_without_deprecated_calls(checkpointed, images, tmp_path):
+    """Activation checkpointing on a trained CLIP encoder: its adapters still get gradients (non-reentrant
+    checkpointing), through transformers' current call (the deprecated alias warns and goes in v6)."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(parse_args(_argv(checkpointed / "sd1", images, tmp_path / "out", "--resolution", "16",
+                               "--max_train_steps", "1", "--train_text_encoder", "--text_encoder_lr", "1e-2",
+                               "--gradient_checkpointing", "--save_format", "diffusers")))
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]
+    state = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    te_b = [v for k, v in state.items() if k.startswith("text_encoder.") and "lora_B" in k]
+    assert te_b and all(v.abs().max() > 0 for v in te_b)

@@ -234,7 +234,9 @@ def train(config: TrainConfig) -> TrainResult:
         denoiser.enable_gradient_checkpointing()
         for name in trained:
             if name != family.denoiser:
-                trained[name].gradient_checkpointing_enable()
+                enc = trained[name]  # transformers >= 5 renamed it (the old name warns, and goes in v6)
+                enable = getattr(enc, "activation_checkpointing_enable", None) or enc.gradient_checkpointing_enable
+                enable()
 
     dataset = data.DreamBoothDataset(instance=plan.instance_images, classes=classes, resolution=config.resolution,
                                      center_crop=config.center_crop, random_flip=config.random_flip, seed=seed)
