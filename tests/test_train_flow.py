@@ -160,6 +160,9 @@ def _model_folder(tmp_path, class_name):
     ("FluxPipeline", ["--snr_gamma", "5"], "flow matching"),
     ("FluxPipeline", ["--weighting_scheme", "uniform"], "invalid choice: 'uniform'"),
     ("StableDiffusion3Pipeline", ["--precondition_outputs", "2"], "invalid choice: 2"),
+    ("StableDiffusionXLPipeline", ["--max_sequence_length", "77"], "--max_sequence_length: the T5 prompt length"),
+    ("FluxPipeline", ["--max_sequence_length", "600"], "--max_sequence_length 600: Flux takes at most 512"),
+    ("StableDiffusion3Pipeline", ["--max_sequence_length", "0"], "--max_sequence_length 0: must be at least 1"),
 ])
 def test_flow_flags_are_checked_before_loading(tmp_path, images, capsys, monkeypatch, model, extra, message):
     monkeypatch.setattr(families, "load_pipeline", lambda *a, **k: pytest.fail("model loaded before the check"))
@@ -208,7 +211,7 @@ def _spy(monkeypatch):
     def spy_predict(family, denoiser, noised, cond, **kw):
         seen["noisy_ok"].append(torch.equal(noised.noisy, (1 - noised.sigmas) * noised.latents
                                             + noised.sigmas * noised.noise))
-        seen["timesteps"] = noised.timesteps
+        seen["timesteps"], seen["hidden"] = noised.timesteps, cond["hidden"].shape
         return predict(family, denoiser, noised, cond, **kw)
 
     def spy_keys(self, m):
@@ -258,8 +261,31 @@ def test_flux_non_default_scheme_epochs_accumulation_and_resume(models, images, 
 
 def test_sd3_defaults_to_diffusers_sd3_script(models, images, tmp_path, monkeypatch):
     seen = _spy(monkeypatch)
-    result = train(parse_args(_args(models, images, tmp_path / "out", "sd3", "--max_train_steps", "1")))
+    result = train(parse_args(_args(models, images, tmp_path / "out", "sd3", "--max_train_steps", "1",
+                                    "--max_sequence_length", "77")))
     assert seen["opts"] == [flow.DEFAULTS["sd3"]] and seen["noisy_ok"] == [True]
+    assert seen["hidden"][1] == 77 + 77  # CLIP tokens, then the (stand-in) T5 ones
     assert seen["opts"][0] == flow.FlowOptions(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0,
                                                mode_scale=1.29, precondition_outputs=True)
     assert np.isfinite(result.losses).all()
+
+
+@pytest.mark.parametrize("family, length", [("sd3", 77), ("flux", 77), ("flux", 128)])
+def test_max_sequence_length_encodes_as_the_pipeline(sd3, flux, family, length):
+    pipe = {"sd3": sd3, "flux": flux}[family]
+    fam = FAMILY[family]
+    encoders = [getattr(pipe, n, None) for n in fam.text_encoders]
+    with torch.no_grad():
+        ours = families.encode(fam, encoders, families.tokenize(fam, pipe, PROMPT, max_sequence_length=length),
+                               joint_dim=getattr(getattr(pipe, "transformer").config, "joint_attention_dim", None),
+                               t5_length=length)
+        if family == "sd3":
+            out = pipe.encode_prompt(PROMPT, PROMPT, PROMPT, device="cpu", do_classifier_free_guidance=False,
+                                     max_sequence_length=length)
+            theirs = {"hidden": out[0], "pooled": out[2]}
+        else:
+            out = pipe.encode_prompt(PROMPT, PROMPT, device="cpu", max_sequence_length=length)
+            theirs = {"hidden": out[0], "pooled": out[1]}
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert ours["hidden"].shape[1] == (77 + length if family == "sd3" else length)

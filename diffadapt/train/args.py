@@ -20,9 +20,11 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 # text encoder shares the denoiser's LR and weight decay (one parameter group in that script)
 _DIT = {"learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
         "adam_weight_decay_text_encoder": 1e-3}
+# T5 prompt length: the pipelines' own default (diffusers' SD3 script trains with 77 but its pipeline infers with 256)
 FAMILY_DEFAULTS = {"sd1": {"learning_rate": 5e-4, "adam_weight_decay": 1e-2, "resolution": 512},
-                   "sdxl": {**_DIT, "resolution": 1024}, "sd3": {**_DIT, "resolution": 512},
-                   "flux": {**_DIT, "resolution": 512}}
+                   "sdxl": {**_DIT, "resolution": 1024},
+                   "sd3": {**_DIT, "resolution": 512, "max_sequence_length": 256},
+                   "flux": {**_DIT, "resolution": 512, "max_sequence_length": 512}}
 
 
 @dataclass(kw_only=True)
@@ -76,6 +78,7 @@ class TrainConfig:
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     guidance_scale: float = 3.5
+    max_sequence_length: int | None = None
     # flow matching (SD3, Flux); None: the family's default (diffusers' SD3 / Flux script)
     weighting_scheme: str | None = None
     logit_mean: float | None = None
@@ -141,8 +144,8 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
     g = p.add_argument_group("adapter")
     add = g.add_argument
     add("--method", choices=METHODS, default="lora", help="adapter type")
-    add("--rank", type=int, default=4, help="rank (LoRA/LoHa/LoKr), block size (OFT; must divide the layer widths), or for WaveFT the "
-        "coefficient count of a rank-r LoRA")
+    add("--rank", type=int, default=4, help="rank (LoRA/LoHa/LoKr), block size (OFT; must divide the layer "
+        "widths), or for WaveFT the coefficient count of a rank-r LoRA")
     add("--alpha", type=float, help="LoRA/LoHa/LoKr alpha (scale alpha/rank; default: the rank)")
     add("--train_text_encoder", action="store_true", help="also train the CLIP text encoder(s)")
 
@@ -172,6 +175,8 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
     add("--snr_gamma", type=float, help="Min-SNR loss weighting gamma (SD1/SDXL; 5.0 is usual)")
     add("--noise_offset", type=float, default=0.0, help="offset noise strength (e.g. 0.05)")
     add("--guidance_scale", type=float, default=3.5, help="Flux guidance value fed to guidance-distilled models")
+    add("--max_sequence_length", type=int, help="T5 prompt tokens of SD3/Flux (default: the pipeline's, 256 for "
+        "SD3 and 512 for Flux, so training conditions as inference does)")
 
     g = p.add_argument_group("flow matching (SD3, Flux; defaults as diffusers' SD3 / Flux scripts)")
     add = g.add_argument

@@ -99,6 +99,18 @@ def _flow(config: TrainConfig, family: Family) -> flow.FlowOptions | None:
     return opts
 
 
+def _t5_length(config: TrainConfig, family: Family) -> None:
+    length = config.max_sequence_length
+    if length is None:
+        return
+    if not family.flow:
+        raise TrainInputError(f"--max_sequence_length: the T5 prompt length of SD3/Flux; {family.name} has no T5")
+    if length < 1:
+        raise TrainInputError(f"--max_sequence_length {length}: must be at least 1")
+    if family.name == "flux" and length > 512:  # FluxPipeline refuses more too
+        raise TrainInputError(f"--max_sequence_length {length}: Flux takes at most 512")
+
+
 def check(config: TrainConfig) -> Plan:
     _positive(config)
     if "kohya" in config.save_format and config.method not in KOHYA_METHODS:
@@ -122,6 +134,7 @@ def check(config: TrainConfig) -> Plan:
     if config.snr_gamma is not None and family.flow:
         raise TrainInputError(f"--snr_gamma: Min-SNR weighting is for DDPM models; {family.name} uses flow matching")
     flow_options = _flow(config, family)
+    _t5_length(config, family)
     config = config.with_family_defaults(family.name)
     _latent_grid(Path(config.pretrained_model_name_or_path).expanduser(), family, config.resolution)
     output_dir = Path(config.output_dir).expanduser()

@@ -4,8 +4,8 @@ the denoiser is called and supervised.
 SD1/SD2 and SDXL are DDPM models (epsilon or v-prediction from the scheduler config; SDXL adds its pooled text
 embedding and size/crop time ids); SD3 and Flux are flow-matching transformers (the target is the velocity
 ``noise - latents``; timesteps from the scheduler's shifted table, drawn and weighted as in ``flow``). Prompt
-encoding follows each pipeline's own ``encode_prompt`` (a test checks they agree) but runs through the accelerate-prepared text
-encoders, so their adapters train under DDP.
+encoding follows each pipeline's own ``encode_prompt`` (a test checks they agree) but runs through the
+accelerate-prepared text encoders, so their adapters train under DDP.
 """
 
 from __future__ import annotations
@@ -112,8 +112,10 @@ def noise_scheduler(family: Family, pipe):
 # --------------------------------------------------------------------------- prompts
 
 
-def tokenize(family: Family, pipe, prompt: str) -> list[torch.Tensor | None]:
-    """Token ids per text encoder (None where the pipeline has no such encoder)."""
+def tokenize(family: Family, pipe, prompt: str, *, max_sequence_length: int | None = None
+             ) -> list[torch.Tensor | None]:
+    """Token ids per text encoder (None where the pipeline has no such encoder); T5 prompts padded to
+    ``max_sequence_length`` (default: the pipeline's, 256 for SD3 and 512 for Flux)."""
     out = []
     for i, name in enumerate(family.text_encoders):
         tok = getattr(pipe, "tokenizer" if i == 0 else f"tokenizer_{i + 1}", None)
@@ -121,14 +123,15 @@ def tokenize(family: Family, pipe, prompt: str) -> list[torch.Tensor | None]:
             out.append(None)
             continue
         t5 = (family.name == "sd3" and i == 2) or (family.name == "flux" and i == 1)
-        length = min(tok.model_max_length, 256 if family.name == "sd3" else 512) if t5 else tok.model_max_length
+        length = (max_sequence_length or min(tok.model_max_length, 256 if family.name == "sd3" else 512)) if t5 \
+            else tok.model_max_length
         out.append(tok(prompt, padding="max_length", max_length=length, truncation=True,
                        return_tensors="pt").input_ids)
     return out
 
 
-def encode(family: Family, encoders: list, ids: list[torch.Tensor | None], *, joint_dim: int | None = None
-           ) -> dict[str, torch.Tensor]:
+def encode(family: Family, encoders: list, ids: list[torch.Tensor | None], *, joint_dim: int | None = None,
+           t5_length: int = 256) -> dict[str, torch.Tensor]:
     """Conditioning for one prompt (batch 1): ``hidden`` and, for SDXL/SD3/Flux, ``pooled``."""
     if family.name == "sd1":
         return {"hidden": encoders[0](ids[0].to(_device(encoders[0])))[0]}
@@ -149,7 +152,7 @@ def encode(family: Family, encoders: list, ids: list[torch.Tensor | None], *, jo
         if encoders[2] is not None:
             t5 = encoders[2](ids[2].to(_device(encoders[2])))[0]
         else:  # the pipeline's own stand-in when the model ships without T5
-            t5 = torch.zeros(1, 256, joint_dim, dtype=clip.dtype, device=clip.device)
+            t5 = torch.zeros(1, t5_length, joint_dim, dtype=clip.dtype, device=clip.device)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"hidden": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
     # flux

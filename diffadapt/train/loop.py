@@ -136,9 +136,9 @@ def _cache_latents(dataset: data.DreamBoothDataset, vae, *, batch: int, flips: b
     dataset.cache = cache
 
 
-def _encode(family, encoders, ids, joint_dim, *, grad: bool) -> dict[str, torch.Tensor]:
+def _encode(family, encoders, ids, joint_dim, t5_length, *, grad: bool) -> dict[str, torch.Tensor]:
     with torch.set_grad_enabled(grad):
-        return families.encode(family, encoders, ids, joint_dim=joint_dim)
+        return families.encode(family, encoders, ids, joint_dim=joint_dim, t5_length=t5_length or 256)
 
 
 def _loss(config: TrainConfig, plan: Plan, scheduler, pred: torch.Tensor, noised: families.Noised,
@@ -259,13 +259,15 @@ def train(config: TrainConfig) -> TrainResult:
     joint_dim = getattr(joint_dim, "joint_attention_dim", None)
     run_encoders = [models[list(trained).index(n)] if n in trained else e
                     for n, e in zip(family.text_encoders, encoders)]
-    ids = {"instance": families.tokenize(family, pipe, config.instance_prompt)}
+    t5_length = config.max_sequence_length
+    ids = {"instance": families.tokenize(family, pipe, config.instance_prompt, max_sequence_length=t5_length)}
     if classes:
-        ids["class"] = families.tokenize(family, pipe, config.class_prompt or config.instance_prompt)
+        ids["class"] = families.tokenize(family, pipe, config.class_prompt or config.instance_prompt,
+                                         max_sequence_length=t5_length)
     fixed = None
     if not config.train_text_encoder:
         with accelerator.autocast():
-            fixed = {k: _encode(family, run_encoders, v, joint_dim, grad=False) for k, v in ids.items()}
+            fixed = {k: _encode(family, run_encoders, v, joint_dim, t5_length, grad=False) for k, v in ids.items()}
     vae, vae_config = pipe.vae, pipe.vae.config
     vae_scale = 2 ** (len(vae_config.block_out_channels) - 1)
     if config.cache_latents:
@@ -316,7 +318,8 @@ def train(config: TrainConfig) -> TrainResult:
             u = flow.draw(plan.flow, b, gen) if family.flow else torch.rand(b, generator=gen)
             noised = families.add_noise(family, scheduler, latents, noise.to(device), u.to(device))
             n = batch["n_instance"]
-            conds = fixed or {k: _encode(family, run_encoders, v, joint_dim, grad=True) for k, v in ids.items()}
+            conds = fixed or {k: _encode(family, run_encoders, v, joint_dim, t5_length, grad=True)
+                              for k, v in ids.items()}
             cond = {k: torch.cat([conds["instance"][k].expand(n, *conds["instance"][k].shape[1:])]
                                  + ([conds["class"][k].expand(latents.shape[0] - n, *conds["class"][k].shape[1:])]
                                     if latents.shape[0] > n else []))
