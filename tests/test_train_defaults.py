@@ -1,6 +1,8 @@
 """Options left unset take the default of the diffusers script for the model's family, and the text encoders'
 adapters train in their own AdamW group (--text_encoder_lr, --adam_weight_decay_text_encoder) as in
-train_dreambooth_lora_{sdxl,sd3,flux}.py; SD1/SD2's share the denoiser's group values (train_dreambooth_lora.py)."""
+train_dreambooth_lora_{sdxl,sd3,flux}.py; SD1/SD2's share the denoiser's group values (train_dreambooth_lora.py).
+Also: a resume under other adapter settings is refused before loading; text-encoder activation checkpointing
+still trains the encoder's adapters."""
 
 import json
 

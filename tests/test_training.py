@@ -267,7 +267,9 @@ def test_every_option_has_help_and_diffusers_names(capsys, monkeypatch):
                  "train_text_encoder", "validation_prompt", "validation_epochs", "gradient_checkpointing",
                  "gradient_accumulation_steps", "mixed_precision", "use_8bit_adam", "max_grad_norm", "report_to",
                  "center_crop", "random_flip", "method", "alpha", "cache_latents", "snr_gamma", "noise_offset",
-                 "save_format"]:
+                 "save_format", "text_encoder_lr", "adam_weight_decay_text_encoder", "guidance_scale",
+                 "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs",
+                 "max_sequence_length"]:
         assert f"--{flag}" in names, flag
     assert cli_main(["train", "--help"]) == 0
     assert "--pretrained_model_name_or_path" in capsys.readouterr().out
