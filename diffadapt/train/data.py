@@ -73,13 +73,15 @@ class Prepared:
 
 def prepare(img: Image.Image, *, resolution: int, center_crop: bool, flip: bool, gen: np.random.Generator
             ) -> Prepared:
-    """Resize the short side to ``resolution`` (bilinear, as diffusers' scripts), crop a square, maybe flip."""
+    """Resize the short side to ``resolution`` (bilinear), crop a square, maybe flip — with the sizes and centre
+    of diffusers' scripts' torchvision ``Resize`` (long side truncated) and ``CenterCrop`` (offset rounded)."""
     original = (img.height, img.width)
-    scale = resolution / min(img.size)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    short, long = sorted(img.size)
+    long = int(resolution * long / short)
+    size = (resolution, long) if img.width == short else (long, resolution)
     img = img.resize(size, Image.BILINEAR)
     if center_crop:
-        top, left = (img.height - resolution) // 2, (img.width - resolution) // 2
+        top, left = int(round((img.height - resolution) / 2.0)), int(round((img.width - resolution) / 2.0))
     else:
         top = int(gen.integers(0, img.height - resolution + 1))
         left = int(gen.integers(0, img.width - resolution + 1))
