@@ -128,11 +128,13 @@ def test_text_encoder_checkpointing_trains_without_deprecated_calls(checkpointed
     assert te_b and all(v.abs().max() > 0 for v in te_b)
 
 
-@pytest.mark.parametrize("size, resolution", [((47, 32), 16), ((32, 45), 16), ((43, 32), 32), ((32, 75), 32),
-                                              ((50, 33), 16), ((16, 16), 16)])
-def test_resize_and_center_crop_as_torchvision(size, resolution):
-    """torchvision (which diffusers' scripts use): ``Resize(r)`` makes the long side ``int(r * long / short)``,
-    ``CenterCrop`` starts at ``int(round((side - r) / 2))``."""
+@pytest.mark.parametrize("size, resolution, flip", [((47, 32), 16, False), ((32, 45), 16, False),
+                                                    ((43, 32), 32, True), ((32, 75), 32, False),
+                                                    ((50, 33), 16, True), ((16, 16), 16, True)])
+def test_resize_flip_and_center_crop_as_diffusers(size, resolution, flip):
+    """The SDXL script's order and torchvision's sizes (which diffusers' scripts use): ``Resize(r)`` makes the
+    long side ``int(r * long / short)``, then the flip, then ``CenterCrop`` at ``int(round((side - r) / 2))``,
+    whose offsets are SDXL's crop coordinates."""
     from diffadapt.train import data
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -140,8 +142,10 @@ def test_resize_and_center_crop_as_torchvision(size, resolution):
     short, long = min(w, h), max(w, h)
     tw, th = (resolution, int(resolution * long / short)) if w <= h else (int(resolution * long / short), resolution)
     top, left = int(round((th - resolution) / 2.0)), int(round((tw - resolution) / 2.0))
-    want = np.asarray(img.resize((tw, th), Image.BILINEAR), dtype=np.float32)[top:top + resolution,
-                                                                             left:left + resolution]
-    got = data.prepare(img, resolution=resolution, center_crop=True, flip=False, gen=np.random.default_rng(0))
+    resized = img.resize((tw, th), Image.BILINEAR)
+    if flip:
+        resized = resized.transpose(Image.FLIP_LEFT_RIGHT)
+    want = np.asarray(resized, dtype=np.float32)[top:top + resolution, left:left + resolution]
+    got = data.prepare(img, resolution=resolution, center_crop=True, flip=flip, gen=np.random.default_rng(0))
     assert got.crop_top_left == (top, left) and got.original_size == (h, w)
     assert np.array_equal(((got.pixels.permute(1, 2, 0).numpy() + 1.0) * 127.5).round(), want)

@@ -73,21 +73,22 @@ class Prepared:
 
 def prepare(img: Image.Image, *, resolution: int, center_crop: bool, flip: bool, gen: np.random.Generator
             ) -> Prepared:
-    """Resize the short side to ``resolution`` (bilinear), crop a square, maybe flip — with the sizes and centre
-    of diffusers' scripts' torchvision ``Resize`` (long side truncated) and ``CenterCrop`` (offset rounded)."""
+    """Resize the short side to ``resolution`` (bilinear), maybe flip, crop a square — in the SDXL script's order
+    (so SDXL's crop coordinates are those of the flipped image) and with the sizes of its torchvision ``Resize``
+    (long side truncated) and ``CenterCrop`` (offset rounded)."""
     original = (img.height, img.width)
     short, long = sorted(img.size)
     long = int(resolution * long / short)
     size = (resolution, long) if img.width == short else (long, resolution)
     img = img.resize(size, Image.BILINEAR)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if center_crop:
         top, left = int(round((img.height - resolution) / 2.0)), int(round((img.width - resolution) / 2.0))
     else:
         top = int(gen.integers(0, img.height - resolution + 1))
         left = int(gen.integers(0, img.width - resolution + 1))
     img = img.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
     return Prepared(pixels, original, (top, left))
 
