@@ -261,8 +261,20 @@ def test_flux_non_default_scheme_epochs_accumulation_and_resume(models, images, 
 
 def test_sd3_defaults_to_diffusers_sd3_script(models, images, tmp_path, monkeypatch):
     seen = _spy(monkeypatch)
+    from diffusers import StableDiffusion3Pipeline
+
+    calls = []
+    real_call = StableDiffusion3Pipeline.__call__
+
+    def spy_call(self, *a, **kw):
+        calls.append(kw)
+        return real_call(self, *a, **{**kw, "num_inference_steps": 1})
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "__call__", spy_call)
     result = train(parse_args(_args(models, images, tmp_path / "out", "sd3", "--max_train_steps", "1",
-                                    "--max_sequence_length", "77")))
+                                    "--max_sequence_length", "77", "--validation_prompt", PROMPT,
+                                    "--num_validation_images", "1")))
+    assert [c["max_sequence_length"] for c in calls] == [77]  # validation conditions as training did
     assert seen["opts"] == [flow.DEFAULTS["sd3"]] and seen["noisy_ok"] == [True]
     assert seen["hidden"][1] == 77 + 77  # CLIP tokens, then the (stand-in) T5 ones
     assert seen["opts"][0] == flow.FlowOptions(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0,

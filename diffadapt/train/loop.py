@@ -169,8 +169,9 @@ def _validate(config: TrainConfig, pipe, accelerator, *, step: int, seed: int, m
     with torch.no_grad(), accelerator.autocast():
         for i in range(config.num_validation_images):
             gen = torch.Generator("cpu").manual_seed(data.torch_seed(seed, 5, i))
+            t5 = {} if config.max_sequence_length is None else {"max_sequence_length": config.max_sequence_length}
             images += pipe(prompt=config.validation_prompt, generator=gen, height=config.resolution,
-                           width=config.resolution).images
+                           width=config.resolution, **t5).images  # conditioned as in training
     folder = Path(config.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
