@@ -161,6 +161,7 @@ def _model_folder(tmp_path, class_name):
     ("FluxPipeline", ["--weighting_scheme", "uniform"], "invalid choice: 'uniform'"),
     ("StableDiffusion3Pipeline", ["--precondition_outputs", "2"], "invalid choice: 2"),
     ("StableDiffusionXLPipeline", ["--max_sequence_length", "77"], "--max_sequence_length: the T5 prompt length"),
+    ("StableDiffusion3Pipeline", ["--guidance_scale", "3.5"], "--guidance_scale: the guidance value of Flux's"),
     ("FluxPipeline", ["--max_sequence_length", "600"], "--max_sequence_length 600: Flux takes at most 512"),
     ("StableDiffusion3Pipeline", ["--max_sequence_length", "0"], "--max_sequence_length 0: must be at least 1"),
 ])

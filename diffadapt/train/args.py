@@ -24,7 +24,7 @@ _DIT = {"learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-
 FAMILY_DEFAULTS = {"sd1": {"learning_rate": 5e-4, "adam_weight_decay": 1e-2, "resolution": 512},
                    "sdxl": {**_DIT, "resolution": 1024},
                    "sd3": {**_DIT, "resolution": 512, "max_sequence_length": 256},
-                   "flux": {**_DIT, "resolution": 512, "max_sequence_length": 512}}
+                   "flux": {**_DIT, "resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}}
 
 
 @dataclass(kw_only=True)
@@ -77,7 +77,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     snr_gamma: float | None = None
     noise_offset: float = 0.0
-    guidance_scale: float = 3.5
+    guidance_scale: float | None = None
     max_sequence_length: int | None = None
     # flow matching (SD3, Flux); None: the family's default (diffusers' SD3 / Flux script)
     weighting_scheme: str | None = None
@@ -174,7 +174,8 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
     add("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
     add("--snr_gamma", type=float, help="Min-SNR loss weighting gamma (SD1/SDXL; 5.0 is usual)")
     add("--noise_offset", type=float, default=0.0, help="offset noise strength (e.g. 0.05)")
-    add("--guidance_scale", type=float, default=3.5, help="Flux guidance value fed to guidance-distilled models")
+    add("--guidance_scale", type=float, help="Flux guidance value fed to guidance-distilled models (default 3.5; "
+        "models without a guidance embedding ignore it)")
     add("--max_sequence_length", type=int, help="T5 prompt tokens of SD3/Flux (default: the pipeline's, 256 for "
         "SD3 and 512 for Flux, so training conditions as inference does)")
 

@@ -99,8 +99,11 @@ def _flow(config: TrainConfig, family: Family) -> flow.FlowOptions | None:
     return opts
 
 
-def _t5_length(config: TrainConfig, family: Family) -> None:
+def _text_options(config: TrainConfig, family: Family) -> None:
     length = config.max_sequence_length
+    if config.guidance_scale is not None and family.name != "flux":
+        raise TrainInputError(f"--guidance_scale: the guidance value of Flux's guidance-distilled models; "
+                              f"{family.name} trains without one")
     if length is None:
         return
     if not family.flow:
@@ -134,7 +137,7 @@ def check(config: TrainConfig) -> Plan:
     if config.snr_gamma is not None and family.flow:
         raise TrainInputError(f"--snr_gamma: Min-SNR weighting is for DDPM models; {family.name} uses flow matching")
     flow_options = _flow(config, family)
-    _t5_length(config, family)
+    _text_options(config, family)
     config = config.with_family_defaults(family.name)
     _latent_grid(Path(config.pretrained_model_name_or_path).expanduser(), family, config.resolution)
     output_dir = Path(config.output_dir).expanduser()

@@ -204,7 +204,7 @@ def add_noise(family: Family, scheduler, latents: torch.Tensor, noise: torch.Ten
 
 
 def predict(family: Family, denoiser, noised: Noised, cond: dict[str, torch.Tensor], *, batch: dict,
-            resolution: int, vae_scale: int, guidance: float, dtype: torch.dtype) -> torch.Tensor:
+            resolution: int, vae_scale: int, guidance: float | None, dtype: torch.dtype) -> torch.Tensor:
     x, t = noised.noisy.to(dtype), noised.timesteps
     hidden = cond["hidden"].to(dtype)
     if family.name == "sd1":
