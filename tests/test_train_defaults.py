@@ -35,9 +35,11 @@ def _argv(model, images, out, *extra):
     ("StableDiffusionXLPipeline", dict(learning_rate=1e-4, adam_weight_decay=1e-4, resolution=1024,
                                        text_encoder_lr=5e-6, adam_weight_decay_text_encoder=1e-3)),
     ("StableDiffusion3Pipeline", dict(learning_rate=1e-4, adam_weight_decay=1e-4, resolution=512,
-                                      text_encoder_lr=5e-6, adam_weight_decay_text_encoder=1e-3)),
+                                      text_encoder_lr=5e-6, adam_weight_decay_text_encoder=1e-3, alpha=None,
+                                      guidance_scale=None, max_sequence_length=256)),
     ("FluxPipeline", dict(learning_rate=1e-4, adam_weight_decay=1e-4, resolution=512, text_encoder_lr=5e-6,
-                          adam_weight_decay_text_encoder=1e-3)),
+                          adam_weight_decay_text_encoder=1e-3, alpha=4.0, guidance_scale=3.5,
+                          max_sequence_length=512)),
 ])
 def test_unset_options_take_the_family_scripts_defaults(tmp_path, images, class_name, expected):
     model = tmp_path / "model"
@@ -149,3 +151,34 @@ def test_resize_flip_and_center_crop_as_diffusers(size, resolution, flip):
     got = data.prepare(img, resolution=resolution, center_crop=True, flip=flip, gen=np.random.default_rng(0))
     assert got.crop_top_left == (top, left) and got.original_size == (h, w)
     assert np.array_equal(((got.pixels.permute(1, 2, 0).numpy() + 1.0) * 127.5).round(), want)
+
+
+@pytest.mark.parametrize("build, extra, alpha", [("flux", ["--rank", "8"], 4.0), ("sd1", ["--rank", "8"], 8.0),
+                                                ("flux", ["--rank", "8", "--lora_alpha", "16"], 16.0)])
+def test_lora_alpha_and_init_as_diffusers(tmp_path, images, monkeypatch, build, extra, alpha):
+    """LoRA starts as the scripts' ``init_lora_weights="gaussian"`` (A ~ N(0, 1/r), B = 0); alpha defaults to the
+    rank, for Flux to its script's --lora_alpha 4; --lora_alpha is accepted for --alpha."""
+    import torch
+    from peft import LoraConfig
+
+    model = tmp_path / build
+    getattr(testing, f"tiny_{build}_pipeline")().save_pretrained(model)
+    made = []
+    real_inject = loop.inject
+
+    def spy_inject(module, config):
+        made.append((module, config))
+        return real_inject(module, config)
+
+    def stop(*a, **k):
+        raise _Stop
+
+    monkeypatch.setattr(loop, "inject", spy_inject)
+    monkeypatch.setattr(loop, "_optimizer", stop)
+    with pytest.raises(_Stop):
+        train(parse_args(_argv(model, images, tmp_path / "out", "--resolution", "16", *extra)))
+    (module, config), = made
+    assert isinstance(config, LoraConfig) and config.lora_alpha == alpha and config.init_lora_weights == "gaussian"
+    a = torch.cat([p.detach().flatten() for n, p in module.named_parameters() if "lora_A" in n])
+    b = [p for n, p in module.named_parameters() if "lora_B" in n]
+    assert a.numel() > 1000 and abs(float(a.std()) - 1 / 8) < 0.01 and b and all(not p.any() for p in b)

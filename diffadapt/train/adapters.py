@@ -17,7 +17,8 @@ def peft_config(method: str, *, rank: int, alpha: float, targets: list[str], mod
     from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, WaveFTConfig
 
     if method == "lora":
-        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+        # A ~ N(0, 1/r), B = 0: the init of every diffusers DreamBooth LoRA script
+        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian")
     if method == "loha":
         return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, init_weights=True)
     if method == "lokr":

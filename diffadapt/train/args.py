@@ -17,14 +17,16 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 
 
 # defaults of diffusers' train_dreambooth_lora.py (SD1/SD2) and train_dreambooth_lora_{sdxl,sd3,flux}.py; an SD1
-# text encoder shares the denoiser's LR and weight decay (one parameter group in that script)
+# text encoder shares the denoiser's LR and weight decay (one parameter group in that script); alpha is the rank
+# but for Flux, whose script's --lora_alpha defaults to 4 whatever the rank
 _DIT = {"learning_rate": 1e-4, "adam_weight_decay": 1e-4, "text_encoder_lr": 5e-6,
         "adam_weight_decay_text_encoder": 1e-3}
 # T5 prompt length: the pipelines' own default (diffusers' SD3 script trains with 77 but its pipeline infers with 256)
 FAMILY_DEFAULTS = {"sd1": {"learning_rate": 5e-4, "adam_weight_decay": 1e-2, "resolution": 512},
                    "sdxl": {**_DIT, "resolution": 1024},
                    "sd3": {**_DIT, "resolution": 512, "max_sequence_length": 256},
-                   "flux": {**_DIT, "resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5}}
+                   "flux": {**_DIT, "resolution": 512, "max_sequence_length": 512, "guidance_scale": 3.5,
+                            "alpha": 4.0}}
 
 
 @dataclass(kw_only=True)
@@ -146,7 +148,8 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
     add("--method", choices=METHODS, default="lora", help="adapter type")
     add("--rank", type=int, default=4, help="rank (LoRA/LoHa/LoKr), block size (OFT; must divide the layer "
         "widths), or for WaveFT the coefficient count of a rank-r LoRA")
-    add("--alpha", type=float, help="LoRA/LoHa/LoKr alpha (scale alpha/rank; default: the rank)")
+    add("--alpha", "--lora_alpha", type=float, dest="alpha", help="LoRA/LoHa/LoKr alpha (scale alpha/rank; "
+        "default: the rank, for Flux 4 as its diffusers script)")
     add("--train_text_encoder", action="store_true", help="also train the CLIP text encoder(s)")
 
     g = p.add_argument_group("optimisation")
