@@ -182,3 +182,28 @@ def test_lora_alpha_and_init_as_diffusers(tmp_path, images, monkeypatch, build, 
     a = torch.cat([p.detach().flatten() for n, p in module.named_parameters() if "lora_A" in n])
     b = [p for n, p in module.named_parameters() if "lora_B" in n]
     assert a.numel() > 1000 and abs(float(a.std()) - 1 / 8) < 0.01 and b and all(not p.any() for p in b)
+
+
+def test_lora_dropout_resumes_bit_exactly(checkpointed, images, tmp_path):
+    """--lora_dropout (the scripts' flag) draws from the global RNG, reseeded per micro-batch: a resume from
+    checkpoint-1 continues exactly as the uninterrupted run."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    def run(out, *extra):
+        return train(parse_args(_argv(checkpointed / "sd1", images, out, "--resolution", "16", "--max_train_steps",
+                                      "3", "--checkpointing_steps", "1", "--train_batch_size", "2", "--learning_rate",
+                                      "1e-2", "--save_format", "diffusers", "--seed", "1", *extra)))
+
+    full = run(tmp_path / "full", "--lora_dropout", "0.5")
+    plain = run(tmp_path / "plain")
+    assert full.losses[0] == plain.losses[0] and full.losses[1:] != plain.losses[1:]  # B = 0 at step 1
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-1", cut / "checkpoint-1")
+    resumed = run(cut, "--lora_dropout", "0.5", "--resume_from_checkpoint", "latest")
+    assert resumed.losses == full.losses[1:]
+    a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (tmp_path / "full", cut))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -56,6 +56,7 @@ class TrainConfig:
     method: str = "lora"
     rank: int = 4
     alpha: float | None = None
+    lora_dropout: float = 0.0
     train_text_encoder: bool = False
     # optimisation
     train_batch_size: int = 4
@@ -150,6 +151,7 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
         "widths), or for WaveFT the coefficient count of a rank-r LoRA")
     add("--alpha", "--lora_alpha", type=float, dest="alpha", help="LoRA/LoHa/LoKr alpha (scale alpha/rank; "
         "default: the rank, for Flux 4 as its diffusers script)")
+    add("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch's input (LoRA only)")
     add("--train_text_encoder", action="store_true", help="also train the CLIP text encoder(s)")
 
     g = p.add_argument_group("optimisation")

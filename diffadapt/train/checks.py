@@ -116,6 +116,10 @@ def _text_options(config: TrainConfig, family: Family) -> None:
 
 def check(config: TrainConfig) -> Plan:
     _positive(config)
+    if not 0 <= config.lora_dropout < 1:
+        raise TrainInputError(f"--lora_dropout {config.lora_dropout}: must be in [0, 1)")
+    if config.lora_dropout and config.method != "lora":
+        raise TrainInputError(f"--lora_dropout: LoRA only; {config.method} has no such dropout")
     if "kohya" in config.save_format and config.method not in KOHYA_METHODS:
         raise TrainInputError(f"--save_format kohya: {config.method} has no kohya/LyCORIS form (only "
                               f"{', '.join(KOHYA_METHODS)}); use --save_format diffusers and/or peft")

@@ -1,9 +1,10 @@
 """The training run: checks, model, adapters, accelerate, the step loop, checkpoints, validation, export.
 
 Reproducibility: every random draw of a micro-batch (VAE sample, noise, offset noise, timestep) comes from a
-generator seeded by (seed, micro-batch, rank), and data order/augmentation from (seed, epoch, index) — so a
-run resumed from a checkpoint (adapters, optimizer, LR schedule restored by accelerate) continues bit for bit
-as the uninterrupted run would, and every rank draws its own noise.
+generator seeded by (seed, micro-batch, rank), the global RNG (dropout) is reseeded from the same key, and data
+order/augmentation come from (seed, epoch, index) — so a run resumed from a checkpoint (adapters, optimizer,
+LR schedule restored by accelerate) continues bit for bit as the uninterrupted run would, and every rank draws
+its own noise.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def train(config: TrainConfig) -> TrainResult:
     for name, module in trained.items():
         targets = list(family.targets) if name == family.denoiser else CLIP_TARGETS
         peft_configs[name] = peft_config(config.method, rank=config.rank, alpha=config.network_alpha,
-                                         targets=targets, model=module)
+                                         targets=targets, model=module, dropout=config.lora_dropout)
         groups[name] = inject(module, peft_configs[name])
     params = [p for group in groups.values() for p in group]
     if config.gradient_checkpointing:
@@ -304,6 +305,7 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.step = ga - 1 if last else index  # accumulate() then syncs exactly at the window's end
         with accelerator.accumulate(*models):
             gen = torch.Generator("cpu").manual_seed(data.torch_seed(seed, 4, micro, rank))
+            torch.manual_seed(data.torch_seed(seed, 6, micro, rank))  # what draws from the global RNG (dropout)
             if "pixels" in batch:
                 with torch.no_grad():
                     dist = vae.encode(batch["pixels"].to(device, vae.dtype)).latent_dist
