@@ -1,8 +1,8 @@
 """Options left unset take the default of the diffusers script for the model's family, and the text encoders'
 adapters train in their own AdamW group (--text_encoder_lr, --adam_weight_decay_text_encoder) as in
 train_dreambooth_lora_{sdxl,sd3,flux}.py; SD1/SD2's share the denoiser's group values (train_dreambooth_lora.py).
-Also: a resume under other adapter settings is refused before loading; text-encoder activation checkpointing
-still trains the encoder's adapters."""
+Also: the DDPM loss and image preparation as the scripts', LoRA init/alpha/dropout, a resume under other adapter
+settings refused before loading, text-encoder activation checkpointing still training the encoder's adapters."""
 
 import json
 
@@ -207,3 +207,51 @@ def test_lora_dropout_resumes_bit_exactly(checkpointed, images, tmp_path):
     assert resumed.losses == full.losses[1:]
     a, b = (load_file(p / "pytorch_lora_weights.safetensors") for p in (tmp_path / "full", cut))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("prediction, snr_gamma, prior", [("epsilon", None, False), ("epsilon", None, True),
+                                                          ("epsilon", 5.0, False), ("v_prediction", 5.0, True),
+                                                          ("v_prediction", None, True)])
+def test_ddpm_loss_as_the_scripts(prediction, snr_gamma, prior):
+    """SD1/SDXL: the scripts' MSE on the instance half + --prior_loss_weight x the class half; Min-SNR weights
+    of train_text_to_image_lora*.py (min(snr, gamma) / snr, or / (snr + 1) for v-prediction) on the instance half."""
+    import types
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from diffadapt.train import families
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type=prediction)
+    gen = torch.Generator().manual_seed(0)
+    b = 4
+    latents, noise, pred = (torch.randn(b, 4, 8, 8, generator=gen) for _ in range(3))
+    u = torch.rand(b, generator=gen)
+    noised = families.add_noise(families.FAMILIES["StableDiffusionPipeline"], scheduler, latents, noise, u)
+    timesteps = (u * 1000).long()
+    assert torch.equal(noised.timesteps, timesteps)
+    assert torch.equal(noised.noisy, scheduler.add_noise(latents, noise, timesteps))
+    target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    n = b // 2 if prior else b
+    plan = types.SimpleNamespace(family=families.FAMILIES["StableDiffusionPipeline"], flow=None)
+    config = types.SimpleNamespace(snr_gamma=snr_gamma, prior_loss_weight=0.7)
+    got = loop._loss(config, plan, scheduler, pred, noised, n)
+
+    model_pred, tgt = pred, target
+    if prior:
+        model_pred, model_pred_prior = torch.chunk(model_pred, 2, dim=0)
+        tgt, target_prior = torch.chunk(tgt, 2, dim=0)
+        prior_loss = F.mse_loss(model_pred_prior.float(), target_prior.float(), reduction="mean")
+    if snr_gamma is None:
+        want = F.mse_loss(model_pred.float(), tgt.float(), reduction="mean")
+    else:
+        snr = compute_snr(scheduler, timesteps[:n])
+        weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps[:n])], dim=1).min(dim=1)[0]
+        weights = weights / snr if prediction == "epsilon" else weights / (snr + 1)
+        want = (F.mse_loss(model_pred.float(), tgt.float(), reduction="none").mean(dim=[1, 2, 3]) * weights).mean()
+    if prior:
+        want = want + 0.7 * prior_loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
