@@ -15,11 +15,13 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffadapt.train import data, families, flow, main, train
+from diffadapt import testing
+from diffadapt.train import data, families, flow, loop, main, train
 from diffadapt.train.args import parse_args
 
 PROMPT = "a photo of sks dog"
 FAMILY = {f.name: f for f in families.FAMILIES.values()}
+FAMILY_BUILD = {"sd3": testing.tiny_dit_pipeline, "flux": testing.tiny_flux_pipeline}
 FLAG_NAMES = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
 
 
@@ -302,3 +304,47 @@ def test_max_sequence_length_encodes_as_the_pipeline(sd3, flux, family, length):
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     assert ours["hidden"].shape[1] == (77 + length if family == "sd3" else length)
+
+
+# train_dreambooth_lora_flux.py / _sd3.py: their default target_modules, and --lora_layers
+SCRIPT_TARGETS = {
+    "flux": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+             "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+             "ff_context.net.2"],
+    "sd3": ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0",
+            "attn.to_q", "attn.to_v"],
+}
+
+
+@pytest.mark.parametrize("family, lora_layers", [("flux", None), ("sd3", None), ("flux", "attn.to_q,ff.net.2")])
+def test_adapted_layers_are_the_scripts(models, images, tmp_path, monkeypatch, family, lora_layers):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    adapted = []
+    real = loop.inject
+
+    def spy(module, config):
+        real(module, config)
+        adapted.append({n.rsplit(".lora_A", 1)[0] for n, _ in module.named_parameters() if ".lora_A." in n})
+        raise _Stop
+
+    monkeypatch.setattr(loop, "inject", spy)
+    extra = ["--lora_layers", lora_layers] if lora_layers else []
+    with pytest.raises(_Stop):
+        train(parse_args(_args(models, images, tmp_path / "out", family, *extra)))
+    fresh = FAMILY_BUILD[family]().transformer
+    targets = lora_layers.split(",") if lora_layers else SCRIPT_TARGETS[family]
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=targets), fresh)
+    want = {n.rsplit(".lora_A", 1)[0] for n, _ in fresh.named_parameters() if ".lora_A." in n}
+    assert adapted == [want] and want
+
+
+def test_unknown_lora_layer_is_refused(models, images, tmp_path, capsys):
+    argv = _args(models, images, tmp_path / "out", "flux", "--lora_layers", "attn.to_q, ff.nope")
+    assert main(argv) == 2
+    assert "--lora_layers 'attn.to_q, ff.nope': ff.nope names no Linear/Conv layer of the transformer" in \
+        capsys.readouterr().err
+
+
+class _Stop(Exception):
+    pass

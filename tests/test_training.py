@@ -269,7 +269,7 @@ def test_every_option_has_help_and_diffusers_names(capsys, monkeypatch):
                  "center_crop", "random_flip", "method", "alpha", "cache_latents", "snr_gamma", "noise_offset",
                  "save_format", "text_encoder_lr", "adam_weight_decay_text_encoder", "guidance_scale",
                  "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs",
-                 "max_sequence_length", "lora_alpha", "lora_dropout"]:
+                 "max_sequence_length", "lora_alpha", "lora_dropout", "lora_layers"]:
         assert f"--{flag}" in names, flag
     assert cli_main(["train", "--help"]) == 0
     assert "--pretrained_model_name_or_path" in capsys.readouterr().out

@@ -57,6 +57,7 @@ class TrainConfig:
     rank: int = 4
     alpha: float | None = None
     lora_dropout: float = 0.0
+    lora_layers: str | None = None
     train_text_encoder: bool = False
     # optimisation
     train_batch_size: int = 4
@@ -152,6 +153,9 @@ def build_parser(prog: str = "diffadapt train") -> argparse.ArgumentParser:
     add("--alpha", "--lora_alpha", type=float, dest="alpha", help="LoRA/LoHa/LoKr alpha (scale alpha/rank; "
         "default: the rank, for Flux 4 as its diffusers script)")
     add("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch's input (LoRA only)")
+    add("--lora_layers", help="comma-separated denoiser modules to adapt, matched by name suffix, e.g. "
+        "'attn.to_k,attn.to_q,attn.to_v,attn.to_out.0' (default: the family's attention projections, for Flux "
+        "also the double blocks' feed-forwards, as diffusers' scripts)")
     add("--train_text_encoder", action="store_true", help="also train the CLIP text encoder(s)")
 
     g = p.add_argument_group("optimisation")

@@ -55,7 +55,7 @@ def read_progress(path: Path) -> dict:
 def settings(config, family: str) -> dict:
     """What a checkpoint's adapters are shaped and scaled by: a resume must use the same."""
     return {"family": family, "method": config.method, "rank": config.rank, "alpha": config.network_alpha,
-            "train_text_encoder": config.train_text_encoder}
+            "train_text_encoder": config.train_text_encoder, "lora_layers": config.lora_layers}
 
 
 def check_compatible(path: Path, current: dict) -> None:

@@ -25,6 +25,8 @@ CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 MMDIT_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                  "attn.add_v_proj", "attn.to_add_out"]
+# the Flux script also adapts the double blocks' feed-forwards
+FLUX_TARGETS = MMDIT_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ FAMILIES = {
     "StableDiffusion3Pipeline": Family("sd3", "transformer", tuple(MMDIT_TARGETS),
                                        ("text_encoder", "text_encoder_2", "text_encoder_3"),
                                        ("text_encoder", "text_encoder_2"), True),
-    "FluxPipeline": Family("flux", "transformer", tuple(MMDIT_TARGETS), ("text_encoder", "text_encoder_2"),
+    "FluxPipeline": Family("flux", "transformer", tuple(FLUX_TARGETS), ("text_encoder", "text_encoder_2"),
                            ("text_encoder",), True),
 }
 

@@ -101,6 +101,19 @@ def _class_images(config: TrainConfig, plan: Plan, pipe, accelerator, seed: int,
     return have[: config.num_class_images]
 
 
+def _denoiser_targets(config: TrainConfig, family, denoiser: torch.nn.Module) -> list[str]:
+    """--lora_layers (each must name a Linear or Conv layer of the denoiser), or the family's defaults."""
+    if config.lora_layers is None:
+        return list(family.targets)
+    wanted = [t.strip() for t in config.lora_layers.split(",") if t.strip()]
+    layers = [n for n, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in layers)]
+    if not wanted or missing:
+        raise data.TrainInputError(f"--lora_layers {config.lora_layers!r}: {', '.join(missing) or 'empty'} names no "
+                                   f"Linear/Conv layer of the {family.denoiser}")
+    return wanted
+
+
 def _optimizer(config: TrainConfig, groups: dict[str, list[torch.nn.Parameter]], lr: float, *, denoiser: str):
     """AdamW over the denoiser's adapter and, in their own group, the text encoders' (diffusers' scripts:
     --text_encoder_lr / --adam_weight_decay_text_encoder, which SD1 leaves at the denoiser's values)."""
@@ -227,7 +240,7 @@ def train(config: TrainConfig) -> TrainResult:
         trained.update({n: getattr(pipe, n) for n in family.trainable_encoders if getattr(pipe, n, None) is not None})
     peft_configs, groups = {}, {}
     for name, module in trained.items():
-        targets = list(family.targets) if name == family.denoiser else CLIP_TARGETS
+        targets = _denoiser_targets(config, family, module) if name == family.denoiser else CLIP_TARGETS
         peft_configs[name] = peft_config(config.method, rank=config.rank, alpha=config.network_alpha,
                                          targets=targets, model=module, dropout=config.lora_dropout)
         groups[name] = inject(module, peft_configs[name])
