@@ -1,7 +1,8 @@
 """SD3/Flux flow-matching training against diffusers' own code: timestep density, sigmas, loss weighting and
 preconditioning equal what ``compute_density_for_timestep_sampling`` / ``compute_loss_weighting_for_sd3`` and the
 formulas of ``train_dreambooth_lora_{sd3,flux}.py`` give for the same generator; per-family defaults; flag checks;
-gradient-accumulation windows equal accelerate's with a prepared dataloader; kill-free resume stays bit-exact."""
+gradient-accumulation windows equal accelerate's with a prepared dataloader; a resume stays bit-exact; the T5
+prompt length and the adapted layers are the pipelines' / scripts'."""
 
 import json
 import shutil
