@@ -60,7 +60,7 @@ def split(raw: RawAdapter, configs: dict[str, dict]) -> list[ModuleGroup]:
     """Group a file's tensors by module, each with its suffixes and (PEFT) resolved config."""
     groups: dict[tuple[str, str], ModuleGroup] = {}
     for key, tensor in raw.tensors.items():
-        k = rewrite_legacy(key)
+        k = dit.rewrite_key(rewrite_legacy(key))
         suffix = _suffix(k)
         if suffix is None:
             raise FormatError(f"{raw.source}: key '{key}' is not an adapter tensor diffadapt knows")
