@@ -33,8 +33,7 @@ def pair(wan22):
 
 
 def frames(pipe, steps: int = 4) -> np.ndarray:
-    """A short video from fixed text embeddings (the pipeline's prompt cleaning needs ftfy); half the steps on
-    each expert."""
+    """A short video from fixed text embeddings (the pipeline's prompt cleaning needs ftfy); both experts run."""
     with torch.no_grad():
         return pipe(prompt_embeds=torch.ones(1, 8, 32) * 0.1, guidance_scale=1.0, height=16, width=16, num_frames=5,
                     num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0)).frames
@@ -69,7 +68,8 @@ def test_tiny_wan22_pipeline(wan22):
     finally:
         for h in hooks:
             h.remove()
-    assert ran == ["high", "high", "low", "low"]  # high-noise expert first, the low-noise one after the boundary
+    first_low = ran.index("low")  # the high-noise expert first, the low-noise one after the boundary
+    assert first_low > 0 and set(ran[:first_low]) == {"high"} and set(ran[first_low:]) == {"low"}
     assert video.shape == (1, 5, 16, 16, 3) and np.isfinite(video).all()
 
 
@@ -115,6 +115,7 @@ def test_hotswap_and_fuse_stay_in_their_expert(wan22, pair):
     before = param_hashes(pipe)
     da.load(pipe, dict(pair["high"]), "high", mode="inject")
     da.load(pipe, dict(pair["low"]), "low", mode="inject", into="transformer_2")
+    da.prepare_hotswap(pipe, max_rank=4)
     da.hotswap(pipe, dict(pair["low2"]), "low")  # the same `into` as its load
     assert da.adapters(pipe)["low"].components == {"transformer_2": len(pair["low2"]) // 3}
     theirs = stock(wan22, {"high": pair["high"], "low2": pair["low2"]})
@@ -164,14 +165,14 @@ def test_plugin_pair_matches_stock(wan22, pair):
                             load_into_transformer_2=True)
     assert pipe.get_list_adapters() == ref.get_list_adapters() == {"transformer": ["high"], "transformer_2": ["low"]}
     close(frames(pipe), frames(ref))  # each file active in its own expert
+    for p in (pipe, ref):  # hotswap through diffusers' keyword (before set_adapters: peft's swap resets scales)
+        p.load_lora_weights({k: v.clone() for k, v in pair["low2"].items()}, adapter_name="low", hotswap=True,
+                            load_into_transformer_2=True)
+    close(frames(pipe), frames(ref))
     for weights in ([0.7, 1.3], [{"transformer": 0.4}, {"transformer_2": 1.5}]):
         for p in (pipe, ref):
             p.set_adapters(["high", "low"], copy.deepcopy(weights))
         close(frames(pipe), frames(ref))
-    for p in (pipe, ref):  # hotswap through diffusers' keyword
-        p.load_lora_weights({k: v.clone() for k, v in pair["low2"].items()}, adapter_name="low", hotswap=True,
-                            load_into_transformer_2=True)
-    close(frames(pipe), frames(ref))
     pipe.unload_lora_weights()
     assert param_hashes(pipe) == before
     with pytest.raises(ComponentError, match="transformer_2"):
