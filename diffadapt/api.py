@@ -85,7 +85,7 @@ def load(
         targets = resolve(target, spec, strict=strict, into=into)
         name = name or _default_name(source, reg.adapters)
         info = summarize(spec, name=name)
-        info.weight, info.mode, info.components = weight, mode, routed(info.components, into)
+        info.weight, info.mode, info.components = weight, mode, routed(info.components, into, targets)
         loaded = Loaded(name=name, spec=spec, info=info, targets=targets, mode=backend.NAME, weight=weight,
                         extra=extra, into=into)
         with writing(reg) as tx:

@@ -151,7 +151,8 @@ def _native_items(loaded) -> list[Item] | None:
     resolved = {t.patch.original_key for t in loaded.targets}  # strict=False may have left some out
     items = [Item(component="unet", module=names[id(p)], dotted=False, params=p.params)
              for p in loaded.spec.patches if id(p) in names and p.original_key in resolved]
-    return items + [i for i in _items_from_targets(loaded.targets) if i.component not in ("transformer", "unet")]
+    return items + [i for i in _items_from_targets(loaded.targets)
+                    if i.component not in ("transformer", "transformer_2", "unet")]
 
 
 def _file_ndim(raw: RawAdapter | None, patch) -> int | None:
@@ -267,6 +268,9 @@ def save(target: Any, name: str, path: str | os.PathLike, *, format: str = "kohy
             raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(reg.adapters)})")
         items, spec = _items_from_targets(loaded.targets), loaded.spec
         items = (_native_items(loaded) if format == "kohya" else None) or items
+        # a Wan 2.2 low-noise adapter is written as its pair is (the same names); it loads back with into=
+        items = [Item(**{**vars(i), "component": "transformer"}) if i.component == "transformer_2" else i
+                 for i in items]
     bare = isinstance(target, nn.Module)
     family = guess_family(spec) if bare else model_family(target)
     return _write(items, dest, to=format, family=family, dtype=dtype, metadata=spec.metadata,

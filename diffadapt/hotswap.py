@@ -39,11 +39,11 @@ def _swapper(loaded: Loaded):
     return swap
 
 
-def _summary(loaded: Loaded, spec: AdapterSpec, into: str | None = None) -> AdapterInfo:
+def _summary(loaded: Loaded, spec: AdapterSpec, into: str | None = None, targets: list[Target] = ()) -> AdapterInfo:
     """The record's summary for a new file — built before any write (hostile metadata fails here)."""
     info = summarize(spec, name=loaded.name)
     info.weight, info.enabled, info.mode = loaded.weight, loaded.enabled, loaded.mode
-    info.components = routed(info.components, into)
+    info.components = routed(info.components, into, list(targets))
     return info
 
 
@@ -85,7 +85,7 @@ def hotswap(target: Any, source: Any, name: str, *, allow_pickle: bool = False, 
         _swapper(loaded)
         where = loaded.into if into is None else into
         targets = resolve(target, spec, strict=strict, into=where)
-        info = _summary(loaded, spec, where)
+        info = _summary(loaded, spec, where, targets)
         with writing(reg) as tx:
             _swap(tx, loaded, spec, targets, info)
             loaded.into = where
@@ -141,7 +141,8 @@ def _apply(target: Any, items: dict[str, tuple[Any, Any]], undo: _Undo, *, exclu
         if spec is not None:
             if loaded is not None:
                 _swapper(loaded)
-                spec = (spec, resolve(target, spec, into=loaded.into), _summary(loaded, spec, loaded.into))
+                targets = resolve(target, spec, into=loaded.into)
+                spec = (spec, targets, _summary(loaded, spec, loaded.into, targets))
             else:
                 info = summarize(spec, name=name)
                 info.weight, info.mode = 1.0 if weight is None else weight, "patch"

@@ -89,14 +89,19 @@ def check_into(target: Any, into: str | None) -> str | None:
     return into
 
 
-def routed(counts: dict[str, int], into: str | None) -> dict[str, int]:
-    """A file's {component: modules} as loaded with ``into``: its denoiser part is counted under ``into``."""
+def routed(counts: dict[str, int], into: str | None, targets: list[Target]) -> dict[str, int]:
+    """A file's {component: modules} as loaded with ``into``: its denoiser part is counted under ``into``, modules
+    whose component the file did not name under the one they resolved in."""
     if into is None:
         return dict(counts)
     out: dict[str, int] = {}
     for comp, n in counts.items():
-        key = into if comp in DENOISERS else comp
-        out[key] = out.get(key, 0) + n
+        if comp != ANY:
+            key = into if comp in DENOISERS else comp
+            out[key] = out.get(key, 0) + n
+    unnamed = {t.patch.original_key: t.component for t in targets if t.patch.component == ANY}
+    for comp in unnamed.values():
+        out[comp] = out.get(comp, 0) + 1
     return out
 
 

@@ -15,6 +15,7 @@ import diffadapt as da
 from diffadapt.errors import ComponentError
 from diffadapt.testing import param_hashes, tiny_wan22_pipeline, tiny_wan_pipeline
 from dit_files import lora_file
+from safetensors.torch import load_file
 
 TOL = 1e-5
 
@@ -177,3 +178,21 @@ def test_plugin_pair_matches_stock(wan22, pair):
     assert param_hashes(pipe) == before
     with pytest.raises(ComponentError, match="transformer_2"):
         da.plugin(tiny_wan_pipeline()).load_lora_weights(dict(pair["low"]), load_into_transformer_2=True)
+
+
+@pytest.mark.parametrize("format", ["kohya", "peft"])
+def test_saved_low_noise_adapter_has_its_pairs_names(wan22, pair, format, tmp_path):
+    """``da.save`` writes a transformer_2 adapter under the names its file used (musubi-tuner's for kohya): the
+    pair stays a pair, and the file loads back with ``into="transformer_2"`` to the same weights."""
+    pipe = copy.deepcopy(wan22)
+    da.load(pipe, dict(pair["low"]), "low", into="transformer_2")
+    paths = da.save(pipe, "low", tmp_path / "low", format=format)
+    loaded = dict(pipe.transformer_2.named_parameters())
+    if format == "kohya":
+        musubi = lora_file(wan22.transformer, "wan", "kohya", alpha=2.0, seed=1, only=r"^blocks")
+        assert set(load_file(paths[0])) == set(musubi)
+    again = copy.deepcopy(wan22)
+    info = da.load(again, paths[0], "low", into="transformer_2")
+    assert info.components == {"transformer_2": len(pair["low"]) // 3}
+    assert param_hashes(again.transformer) == param_hashes(wan22.transformer)
+    assert max((p - loaded[k]).abs().max().item() for k, p in again.transformer_2.named_parameters()) <= 1e-6
