@@ -35,7 +35,8 @@ _BLOCKS = {
     "single_blocks": re.compile(r"^single_transformer_blocks\.(\d+)\."),
     "layers": re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\."),
 }
-_COMPONENT_KEYS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3", "default")
+_COMPONENT_KEYS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3",
+                   "default")
 
 
 def _number(value: Any, *, where: str) -> float:
