@@ -174,6 +174,16 @@ def test_plugin_pair_matches_stock(wan22, pair):
         for p in (pipe, ref):
             p.set_adapters(["high", "low"], copy.deepcopy(weights))
         close(frames(pipe), frames(ref))
+    for p in (pipe, ref):  # the expert's own methods, then a fuse of both experts
+        p.transformer_2.set_adapters(["low"], weights=[0.3])
+    close(frames(pipe), frames(ref))
+    for p in (pipe, ref):
+        p.fuse_lora(components=["transformer", "transformer_2"], lora_scale=0.5)
+    close(frames(pipe), frames(ref))
+    for p in (pipe, ref):
+        p.unfuse_lora(components=["transformer", "transformer_2"])
+        p.disable_lora()
+    close(frames(pipe), frames(wan22))
     pipe.unload_lora_weights()
     assert param_hashes(pipe) == before
     with pytest.raises(ComponentError, match="transformer_2"):
