@@ -157,7 +157,9 @@ def _load_lora_weights(self, pretrained_model_name_or_path_or_dict: Any, adapter
             return
         if adapter_name in registry(self).adapters:
             raise NameInUseError(f"Adapter name {adapter_name} already in use in the pipeline - please select a "
-                                 "new adapter name.")
+                                 "new adapter name." + (" An adapter is one name across both experts: name the "
+                                                        "low-noise half of a pair differently (e.g. "
+                                                        f"'{adapter_name}_2')." if into else ""))
         name = adapter_name or _default_name(self)
         before = state.active, dict(state.component_active)
         held = {c: state.active_on(c) for c in components(self) if on_component(state, registry(self).adapters, c)}

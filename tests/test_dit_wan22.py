@@ -5,7 +5,6 @@ file with ``load_into_transformer_2=True``) + ``set_adapters`` + a generation on
 from __future__ import annotations
 
 import copy
-import logging
 
 import numpy as np
 import pytest
@@ -100,7 +99,6 @@ def test_per_component_weights_enable_disable_match_diffusers(wan22, pair, mode)
     da.load(pipe, dict(pair["high"]), "high", mode=mode)
     da.load(pipe, dict(pair["low"]), "low", mode=mode, into="transformer_2")
     per = [{"transformer": 0.5, "transformer_2": 2.0}, {"transformer": 3.0, "transformer_2": 0.3}]
-    logging.getLogger("diffusers").setLevel(logging.CRITICAL)  # its "no weights for that component" warning
     theirs = stock(wan22, files, copy.deepcopy(per))
     da.set_weights(pipe, {"high": per[0], "low": per[1]})  # each adapter takes the entry of its own expert
     close(frames(pipe), theirs)
@@ -184,6 +182,8 @@ def test_plugin_pair_matches_stock(wan22, pair):
         p.unfuse_lora(components=["transformer", "transformer_2"])
         p.disable_lora()
     close(frames(pipe), frames(wan22))
+    with pytest.raises(da.NameInUseError, match="'high_2'"):
+        pipe.load_lora_weights(dict(pair["low"]), adapter_name="high", load_into_transformer_2=True)
     pipe.unload_lora_weights()
     assert param_hashes(pipe) == before
     with pytest.raises(ComponentError, match="transformer_2"):
