@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import hub
 from .errors import DiffAdaptError, FormatError, PickleRefusedError, ShapeError, SourceError, WriteError
 from .spec import RawAdapter
 
@@ -62,7 +63,7 @@ def read(source: Any, *, allow_pickle: bool = False, max_numel: int | None = Non
     if path.is_dir():
         return read_dir(path, allow_pickle=allow_pickle, max_numel=max_numel)
     if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
-        return read_dir_or_file(_from_hub(str(source), allow_pickle=allow_pickle), allow_pickle=allow_pickle,
+        return read_dir_or_file(hub.download(str(source), allow_pickle=allow_pickle), allow_pickle=allow_pickle,
                                 max_numel=max_numel)
     raise SourceError(f"{source}: no such file or directory")
 
@@ -198,34 +199,6 @@ def _read_peft_dir(path: Path, *, component: str, allow_pickle: bool, max_numel:
     raw.configs = {component: config}
     raw.source = str(path)
     return raw
-
-
-# -- hub ---------------------------------------------------------------------------------------------
-
-
-def _from_hub(source: str, *, allow_pickle: bool) -> Path:
-    """Download (or find in the cache when offline) a hub repo or one file of it."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    parts = source.split("/")
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    patterns = ["*.safetensors", "*.json"] + (["*.bin", "*.pt", "*.ckpt", "*.pth"] if allow_pickle else [])
-    try:
-        try:
-            if filename:
-                return Path(hf_hub_download(repo_id, filename))
-            return Path(snapshot_download(repo_id, allow_patterns=patterns))
-        except LocalEntryNotFoundError:
-            raise
-        except (OSError, ConnectionError) as e:  # no network: fall back to the local cache
-            if filename:
-                return Path(hf_hub_download(repo_id, filename, local_files_only=True))
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except (HFValidationError, LocalEntryNotFoundError) as e:
-        raise SourceError(f"{source}: not a local path, and not found on the hub or in its cache ({e})") from e
-    except Exception as e:  # RepositoryNotFoundError, EntryNotFoundError, HTTP errors
-        raise SourceError(f"{source}: cannot fetch from the hub: {type(e).__name__}: {e}") from e
 
 
 # -- writing -----------------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Hub ids (``user/repo`` or ``user/repo/file.safetensors``) → a local path, through huggingface_hub's cache.
+
+huggingface_hub retries a failed metadata request five times with back-off (about 24 s) when a file is not
+cached, and its repo listing has no time limit. A load should not hang on a dead network, so the Hub is asked
+once, with huggingface_hub's own time limit (``HF_HUB_ETAG_TIMEOUT``): if it answers, the download proceeds as
+usual; if it does not, only the cache is used. ``HF_HUB_OFFLINE=1`` skips the network entirely.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .errors import SourceError
+
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.ckpt", "*.pth"]
+WEIGHT_PATTERNS = ["*.safetensors", "*.json"]
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions meaning "no answer": OS/socket errors (requests' are OSErrors) and the HTTP client's own."""
+    errors: list[type[BaseException]] = [OSError]
+    for name in ("httpx2", "httpx"):  # whichever client this huggingface_hub version uses
+        try:
+            errors.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def download(source: str, *, allow_pickle: bool) -> Path:
+    """The cached (or freshly downloaded) file or snapshot folder for a hub id; :class:`SourceError` otherwise."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    parts = source.split("/")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    patterns = WEIGHT_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    cache = constants.HF_HUB_CACHE
+    timeout, endpoint = constants.HF_HUB_ETAG_TIMEOUT, constants.ENDPOINT  # the probe and the download alike
+
+    def fetch(local: bool) -> Path:
+        if filename:
+            return Path(hf_hub_download(repo_id, filename, local_files_only=local, etag_timeout=timeout,
+                                        endpoint=endpoint))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local,
+                                      etag_timeout=timeout, endpoint=endpoint))
+
+    def from_cache(why: str) -> Path:
+        try:
+            path = fetch(True)
+        except HFValidationError as e:
+            raise SourceError(f"{source}: not a local path, and not a valid hub id ({e})") from None
+        except LocalEntryNotFoundError:
+            raise SourceError(f"{source}: not a local path, and not in the Hugging Face cache ({cache}); "
+                              f"{why}") from None
+        return path
+
+    if constants.HF_HUB_OFFLINE:
+        return from_cache("HF_HUB_OFFLINE is set, so the Hub is not asked")
+    try:
+        HfApi(endpoint=endpoint).repo_info(repo_id, timeout=timeout)  # one request, no retries
+    except HFValidationError as e:
+        raise SourceError(f"{source}: not a local path, and not a valid hub id ({e})") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # the Hub answered (gated repos too)
+        raise SourceError(f"{source}: not a local path, and no such repository on the Hub "
+                          f"({type(e).__name__}; private or gated repos need a token)") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status is not None and status < 500 and status not in (408, 429):
+            raise SourceError(f"{source}: the Hub refused the request: HTTP {status}") from None
+        return from_cache(f"the Hub ({endpoint}) is not answering (HTTP {status})")
+    except _transport_errors() as e:
+        return from_cache(f"the Hub ({endpoint}) cannot be reached: {type(e).__name__}: {e}")
+    try:
+        return fetch(False)
+    except LocalEntryNotFoundError as e:  # the network failed after the Hub had answered
+        raise SourceError(f"{source}: the download failed and it is not in the cache ({cache}): {e}") from None
+    except HfHubHTTPError as e:  # EntryNotFoundError (no such file in the repo) is one
+        raise SourceError(f"{source}: cannot fetch from the Hub: {type(e).__name__}: {e}") from None
+    except _transport_errors() as e:
+        raise SourceError(f"{source}: the download from the Hub failed: {type(e).__name__}: {e}") from None

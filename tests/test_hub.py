@@ -1,0 +1,185 @@
+"""Hub ids fail fast when the Hub does not answer, and load from the cache offline.
+
+A local server stands in for the Hub and counts what it is asked: serving files (the routes huggingface_hub
+uses to download), answering 503 to everything (the Hub down), or closing every connection unanswered (a
+broken network). huggingface_hub on its own asks six times over ~24 s when a file is not cached; a load asks
+once, then uses the cache or raises a :class:`SourceError` naming the id, the endpoint and the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import huggingface_hub.constants
+import pytest
+import torch
+from safetensors.torch import save
+
+import diffadapt as da
+
+COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+FILE = "adapter.safetensors"
+MODULE = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.fixture(scope="module")
+def blob() -> bytes:
+    g = torch.Generator().manual_seed(0)
+    return save({f"{MODULE}.lora_down.weight": torch.randn(4, 32, generator=g),
+                 f"{MODULE}.lora_up.weight": torch.randn(32, 4, generator=g), f"{MODULE}.alpha": torch.tensor(2.0)})
+
+
+class FakeHub(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, blob: bytes):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.blob, self.mode, self.requests = blob, "up", []
+
+    def asked(self) -> list[str]:
+        """The requests about the repo (huggingface_hub also fetches its own registry once a process)."""
+        return [r for r in self.requests if "/user/" in r]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakeHub
+
+    def log_message(self, *args):
+        pass
+
+    def handle_one_request(self):
+        if self.server.mode == "reset":  # a broken network: the connection closes with no answer
+            self.server.requests.append(f"reset {self.rfile.readline(1000).decode(errors='replace').strip()}")
+            self.close_connection = True
+            return
+        super().handle_one_request()
+
+    def do_HEAD(self):
+        self._serve(body=False)
+
+    def do_GET(self):
+        self._serve(body=True)
+
+    def _serve(self, *, body: bool):
+        path = self.path.split("?")[0]
+        self.server.requests.append(f"{self.command} {path}")
+        if self.server.mode == "down":
+            return self._send(503, b"down")
+        blob, etag = self.server.blob, hashlib.sha256(self.server.blob).hexdigest()
+        info = json.dumps({"id": "user/ink", "sha": COMMIT, "siblings": [{"rfilename": FILE}]}).encode()
+        routes = {
+            "/api/models/user/ink": info,
+            "/api/models/user/ink/revision/main": info,
+            f"/api/models/user/ink/tree/{COMMIT}": json.dumps(
+                [{"type": "file", "path": FILE, "size": len(blob), "oid": etag[:40],
+                  "lfs": {"oid": etag, "size": len(blob), "pointerSize": 134}}]).encode(),
+        }
+        if path in routes:
+            return self._send(200, routes[path], body=body)
+        if path in (f"/user/ink/resolve/main/{FILE}", f"/user/ink/resolve/{COMMIT}/{FILE}"):
+            return self._send(200, blob, body=body, headers={"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"'})
+        if path.startswith("/user/ink/resolve/"):
+            return self._send(404, b"", body=body, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
+        return self._send(404, b"", body=body, headers={"X-Error-Code": "RepoNotFound"})
+
+    def _send(self, status: int, data: bytes, *, body: bool = True, headers: dict | None = None):
+        self.send_response(status)
+        self.close_connection = True  # one request a connection: each sees the mode set when it was made
+        for k, v in {"Content-Length": str(len(data)), "Connection": "close", **(headers or {})}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+
+@pytest.fixture(scope="module")
+def server(blob):
+    hub = FakeHub(blob)
+    thread = threading.Thread(target=hub.serve_forever, daemon=True)
+    thread.start()
+    yield hub
+    hub.shutdown()
+    hub.server_close()
+
+
+def use_hub(monkeypatch, tmp_path, *, endpoint: str, offline: bool = False, cached: bytes | None = None) -> str:
+    """Point huggingface_hub (which reads its settings at import) at ``endpoint`` and a fresh cache."""
+    cache = tmp_path / "hub"
+    if cached is not None:
+        repo = cache / "models--user--ink"
+        (repo / "snapshots" / COMMIT).mkdir(parents=True)
+        (repo / "snapshots" / COMMIT / FILE).write_bytes(cached)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(COMMIT)
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    for name, value in {"ENDPOINT": endpoint, "HUGGINGFACE_CO_URL_TEMPLATE": template, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": offline,
+                        "HF_HUB_ETAG_TIMEOUT": 5}.items():
+        monkeypatch.setattr(huggingface_hub.constants, name, value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
+    return str(cache)
+
+
+CASES = {  # id: (server mode, offline, cached, source, error match or None (loads), what the server is asked)
+    "down-file": ("down", False, False, f"user/ink/{FILE}", "not answering \\(HTTP 503\\)", 1),
+    "down-repo": ("down", False, False, "user/ink", "not answering \\(HTTP 503\\)", 1),
+    "reset-file": ("reset", False, False, f"user/ink/{FILE}", "cannot be reached", 1),
+    "down-file-cached": ("down", False, True, f"user/ink/{FILE}", None, 1),
+    "reset-repo-cached": ("reset", False, True, "user/ink", None, 1),
+    "offline-file-cached": ("up", True, True, f"user/ink/{FILE}", None, 0),
+    "offline-repo-cached": ("up", True, True, "user/ink", None, 0),
+    "offline-file": ("up", True, False, f"user/ink/{FILE}", "HF_HUB_OFFLINE is set", 0),
+    "no-such-repo": ("up", False, False, "user/other", "no such repository on the Hub", 1),
+    "no-such-file": ("up", False, False, "user/ink/missing.safetensors", "EntryNotFound", 2),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hub_is_asked_once(server, blob, monkeypatch, tmp_path, case):
+    mode, offline, cached, source, error, asked = CASES[case]
+    cache = use_hub(monkeypatch, tmp_path, endpoint=server.url, offline=offline, cached=blob if cached else None)
+    server.mode, server.requests = mode, []
+    if error is None:
+        info = da.inspect(source)
+        assert (info.modules, info.methods, info.ranks) == (1, {"lora": 1}, {4: 1})
+    else:
+        with pytest.raises(da.SourceError, match=error) as e:
+            da.inspect(source)
+        assert source in str(e.value)
+        if not offline and "cached" not in case and "no-such" not in case:
+            assert cache in str(e.value) and server.url in str(e.value)
+    assert len(server.asked()) == asked, server.requests
+
+
+@pytest.mark.parametrize("source", [f"user/ink/{FILE}", "user/ink"])
+def test_download_then_offline(server, blob, monkeypatch, tmp_path, source):
+    """A reachable Hub downloads into the cache as huggingface_hub does; the cache then serves offline."""
+    use_hub(monkeypatch, tmp_path, endpoint=server.url)
+    server.mode, server.requests = "up", []
+    first = da.inspect(source)
+    assert server.asked()[0] == "GET /api/models/user/ink" and any(r.startswith("GET /user/ink/resolve/")
+                                                                   for r in server.asked())
+    use_hub(monkeypatch, tmp_path, endpoint=server.url, offline=True)
+    server.requests = []
+    assert da.inspect(source).modules == first.modules == 1 and server.asked() == []
+
+
+def test_closed_port_fails_fast(monkeypatch, tmp_path):
+    """Nothing listening: one refused connection, no retries (the bound only guards against a hang)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    use_hub(monkeypatch, tmp_path, endpoint=f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(da.SourceError, match="cannot be reached"):
+        da.inspect(f"user/ink/{FILE}")
+    assert time.monotonic() - start < 10
