@@ -36,6 +36,13 @@ Source = "str | os.PathLike | Mapping[str, torch.Tensor]"
 
 
 MAX_TENSORS = 50_000  # ~3× the largest adapters shared (full-layer SDXL LyCORIS with text encoders)
+# Without a model, no adapter tensor (nor the weight a factor pair describes) may hold more values than this:
+# ~2× the largest layer of the models supported (a 152k-token text-encoder embedding; T5-XXL's is 1.3e8).
+MAX_LAYER_NUMEL = 1 << 30
+# low-rank factor pairs (first, second) by suffix: second is (rank, in, …), first holds rank × out values
+FACTOR_PAIRS = (("lora_up.weight", "lora_down.weight"), ("lora_B.weight", "lora_A.weight"),
+                ("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b"), ("lokr_w1_a", "lokr_w1_b"),
+                ("lokr_w2_a", "lokr_w2_b"))
 
 
 def read(source: Any, *, allow_pickle: bool = False, max_numel: int | None = None) -> RawAdapter:
@@ -75,16 +82,39 @@ def read_dir_or_file(path: Path, *, allow_pickle: bool, max_numel: int | None = 
 
 
 def _check_header(where: str, shapes: dict[str, tuple[int, ...]], max_numel: int | None) -> None:
-    """Counts and sizes, from names and shapes alone: a hostile file is refused before its data is read."""
+    """Counts, names and sizes, from names and shapes alone: a hostile file is refused before its data is read.
+
+    ``max_numel``: the model's bound; without a model, :data:`MAX_LAYER_NUMEL`. Low-rank factor pairs must
+    also describe a plausible layer: a rank above both sizes of the weight it factors is refused."""
+    from .keys import unknown_key_error, unknown_keys
+
     if len(shapes) > MAX_TENSORS:
         raise FormatError(f"{where}: {len(shapes)} tensors; an adapter has at most {MAX_TENSORS:,} "
                           "(is this a model checkpoint rather than an adapter?)")
-    if max_numel is None:
-        return
+    unknown = unknown_keys(shapes)
+    if unknown:
+        raise unknown_key_error(where, unknown, len(shapes))
+    bound = MAX_LAYER_NUMEL if max_numel is None else max_numel
+    whose = ("than any layer of the model could use" if max_numel is not None
+             else "than any layer of the models diffadapt supports")
     for key, shape in shapes.items():
-        if math.prod(shape) > max_numel:
-            raise ShapeError(f"{where}: tensor '{key}' of shape {tuple(shape)} is larger than any layer of the "
-                             f"model could use ({max_numel:,} values at most)")
+        if math.prod(shape) > bound:
+            raise ShapeError(f"{where}: tensor '{key}' of shape {tuple(shape)} is larger {whose} "
+                             f"({bound:,} values at most)")
+    for first, second in FACTOR_PAIRS:  # second is (rank, in, …); first is (out, rank, …) or (rank, out)
+        for key, shape in shapes.items():
+            if not key.endswith("." + second) or len(shape) < 2 or not shape[0]:
+                continue
+            other = shapes.get(key[: -len(second)] + first)
+            if other is None or math.prod(other) % shape[0]:
+                continue  # mismatched factors are reported with the module when parsed
+            rank, out, inn = shape[0], math.prod(other) // shape[0], math.prod(shape[1:])
+            if rank > max(out, inn):
+                raise ShapeError(f"{where}: tensor '{key}' declares rank {rank} for a {out}×{inn} weight; a rank "
+                                 "above both of the weight's sizes is not an adapter (malformed or hostile header)")
+            if out * inn > bound:
+                raise ShapeError(f"{where}: tensors '{key}' declare a {out}×{inn} weight ({out * inn:,} values), "
+                                 f"larger {whose} ({bound:,} values at most)")
 
 
 # -- files -------------------------------------------------------------------------------------------
@@ -107,12 +137,18 @@ def read_file(path: Path, *, allow_pickle: bool = False, max_numel: int | None =
 
 def read_safetensors(path: Path, *, max_numel: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        # the header alone first: torch's reader maps the whole file at once (a huge declared size fails there,
+        # before any check could name the tensor), numpy's reads the header and maps nothing
+        with safe_open(str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
             keys = list(f.keys())
             if len(keys) > MAX_TENSORS:
                 _check_header(str(path), dict.fromkeys(keys, ()), None)
-            _check_header(str(path), {k: tuple(f.get_slice(k).get_shape()) for k in keys}, max_numel)
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        _check_header(str(path), shapes, max_numel)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            if {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} != shapes:
+                raise FormatError(f"{path}: the file changed while it was being read")
             # get_tensor returns views of the memory-mapped file: copy them, so a file rewritten or truncated
             # later can neither change a loaded adapter nor crash the process (SIGBUS)
             tensors = {k: f.get_tensor(k).clone() for k in keys}

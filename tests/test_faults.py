@@ -331,6 +331,111 @@ def test_hostile_source(base, files, shared, tmp_path, case, verb):
     assert state(pipe) == before
 
 
+def raw_header(tmp, entries, name="hostile.safetensors"):
+    """A safetensors file written from a header {key: (dtype, shape)}, data as a sparse hole: only the header
+    is meant to be read."""
+    size = {"F16": 2, "F32": 4}
+    header, offset = {}, 0
+    for key, (dtype, shape) in entries.items():
+        n = size[dtype] * math.prod(shape)
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp / name
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+def unknown_50k(tmp):
+    return raw_header(tmp, {f"model.layers.{i}.mlp.weight": ("F32", (1,)) for i in range(50_000)})
+
+
+HEADERS = [  # id, file builder, error class, needles; no model given: the bound is the largest supported layer
+    ("1e12-value tensor", lambda t: raw_header(t, {f"{MODULE}.lora_down.weight": ("F16", (1_000_000, 1_000_000)),
+                                                   f"{MODULE}.lora_up.weight": ("F16", (32, 4))}),
+     da.ShapeError, [f"'{MODULE}.lora_down.weight'", "(1000000, 1000000)", "models diffadapt supports"]),
+    ("rank above the weight", lambda t: raw_header(t, {f"{MODULE}.lora_down.weight": ("F32", (4096, 32)),
+                                                       f"{MODULE}.lora_up.weight": ("F32", (32, 4096))}),
+     da.ShapeError, [f"'{MODULE}.lora_down.weight'", "rank 4096 for a 32×32 weight"]),
+    ("PEFT rank above the weight", lambda t: raw_header(t, {"unet.x.lora_A.weight": ("F32", (512, 8)),
+                                                            "unet.x.lora_B.weight": ("F32", (16, 512))}),
+     da.ShapeError, ["'unet.x.lora_A.weight'", "rank 512 for a 16×8 weight"]),
+    ("LoHa 40000² weight", lambda t: raw_header(t, {f"{MODULE}.hada_w1_a": ("F32", (40_000, 1)),
+                                                    f"{MODULE}.hada_w1_b": ("F32", (1, 40_000)),
+                                                    f"{MODULE}.hada_w2_a": ("F32", (32, 1)),
+                                                    f"{MODULE}.hada_w2_b": ("F32", (1, 32))}),
+     da.ShapeError, [f"'{MODULE}.hada_w1_b'", "40000×40000 weight"]),
+    ("50k unknown keys", unknown_50k, da.FormatError,
+     ["50,000 of 50,000 keys", "'model.layers.0.mlp.weight', 'model.layers.1.mlp.weight'", "checkpoint"]),
+    ("1 unknown key among known", lambda t: raw_header(t, {f"{MODULE}.lora_down.weight": ("F32", (4, 32)),
+                                                           f"{MODULE}.lora_up.weight": ("F32", (32, 4)),
+                                                           "ema.step": ("F32", (1,))}),
+     da.FormatError, ["key 'ema.step' is not an adapter tensor"]),
+]
+
+
+class ReadSpy:
+    """safe_open, recording every tensor whose data is read."""
+
+    reads: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        self.inner = SAFE_OPEN(*args, **kwargs)
+
+    def __enter__(self):
+        self.f = self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+    def get_tensor(self, key):
+        ReadSpy.reads.append(key)
+        return self.f.get_tensor(key)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+SAFE_OPEN = io.safe_open
+
+
+@pytest.mark.parametrize("verb", ["inspect", "convert"])
+@pytest.mark.parametrize("case", HEADERS, ids=[c[0] for c in HEADERS])
+def test_hostile_header_without_a_model(tmp_path, monkeypatch, case, verb):
+    """inspect / convert (no model): refused from the header, no tensor data read, the error naming the key."""
+    _, build, exc, needles = case
+    source = build(tmp_path)
+    monkeypatch.setattr(io, "safe_open", ReadSpy)
+    ReadSpy.reads = []
+    dest = tmp_path / "out.safetensors"
+    with pytest.raises(exc) as e:
+        da.inspect(source) if verb == "inspect" else da.convert(source, dest, format="kohya")
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+    assert str(source) in str(e.value) and ReadSpy.reads == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
+
+
+def test_plausible_headers_still_read(tmp_path):
+    """The bounds refuse no real layout: rank above one side of the weight (LyCORIS on conv_out, 4 channels),
+    Tucker LoHa (its w1_a is (rank, out)), a full diff as large as T5-XXL's embedding."""
+    g = torch.Generator().manual_seed(0)
+    conv = {"lora_unet_conv_out.lora_down.weight": torch.randn(8, 32, 3, 3, generator=g),
+            "lora_unet_conv_out.lora_up.weight": torch.randn(4, 8, 1, 1, generator=g)}
+    tucker = {f"{MODULE}.hada_w1_a": torch.randn(4, 32, generator=g), f"{MODULE}.hada_w1_b": torch.randn(4, 32),
+              f"{MODULE}.hada_t1": torch.randn(4, 4, 1, 1), f"{MODULE}.hada_w2_a": torch.randn(4, 32),
+              f"{MODULE}.hada_w2_b": torch.randn(4, 32), f"{MODULE}.hada_t2": torch.randn(4, 4, 1, 1)}
+    for i, sd in enumerate((conv, tucker)):
+        save_file(sd, tmp_path / f"{i}.safetensors")
+        assert da.inspect(tmp_path / f"{i}.safetensors").modules == 1
+    shapes = {"lora_te2_shared.diff": (32128, 4096)}
+    io._check_header("t5", shapes, None)  # 1.3e8 values: the shape alone is checked, nothing allocated
+
+
 def test_fp16_adapter_overflowing_an_fp16_model():
     """Finite in float32, past 65504 in float16: refused on the fp16 model, loaded on the fp32 one."""
     sd = {"lora_down.weight": torch.full((4, 32), 200.0, dtype=torch.float16),
