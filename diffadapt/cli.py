@@ -190,7 +190,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     model = args.model
-    if model is not None and model not in ("sd1", "sdxl"):
+    if model is not None and model not in conversion.BUILT_IN:
         model = _load_model(model, "cpu")[0]  # a diffusers folder / hub id / single file: its module names
     for path in conversion.convert(args.source, args.dest, format=args.to, dtype=args.dtype, exclude=args.exclude,
                             model=model, allow_pickle=args.allow_pickle, overwrite=args.force):
@@ -266,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="cast the tensors (default: keep)")
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="drop modules matching these shell patterns, e.g. 'text_encoder*' '*down_blocks_0_*'")
-    p.add_argument("--model", help="sd1 | sdxl | diffusers folder or hub id, to resolve kohya names for PEFT "
-                                    "output (default: the file's guessed family)")
+    p.add_argument("--model", help="sd1 | sdxl | flux | sd3 (built-in module trees) | diffusers folder or hub id, "
+                                    "to resolve kohya names for PEFT output (default: the file's guessed family)")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (runs pickle)")
     p.add_argument("--force", action="store_true", help="replace DEST if it exists")
     p.set_defaults(func=_convert)

@@ -38,6 +38,7 @@ from .pipeline import Target, components, model_family, registry, resolve
 from .spec import AdapterSpec, RawAdapter
 
 FORMATS = ("kohya", "peft")
+BUILT_IN = ("sd1", "sdxl", "flux", "sd3")  # families whose module tree ``architecture`` builds (model="sdxl")
 
 
 def parse_dtype(dtype: Any) -> torch.dtype | None:
@@ -112,7 +113,7 @@ def _model(model: Any):
     if isinstance(model, str):
         arch = architecture(model)
         if arch is None:
-            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl, flux, sd3); "
+            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: {', '.join(BUILT_IN)}); "
                                  "pass a pipeline or module")
         return arch
     return model

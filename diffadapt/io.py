@@ -35,6 +35,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(/.+)?$")
 Source = "str | os.PathLike | Mapping[str, torch.Tensor]"
 
 
+MAX_JSON_BYTES = 16 << 20  # adapter_config.json: a few kB, even with per-module rank/alpha patterns
 MAX_TENSORS = 50_000  # ~3× the largest adapters shared (full-layer SDXL LyCORIS with text encoders)
 # Without a model, no adapter tensor (nor the weight a factor pair describes) may hold more values than this:
 # ~2× the largest layer of the models supported (a 152k-token text-encoder embedding; T5-XXL's is 1.3e8).
@@ -55,19 +56,29 @@ def read(source: Any, *, allow_pickle: bool = False, max_numel: int | None = Non
         return source
     if isinstance(source, Mapping):
         tensors = dict(source)
+        names = [k for k in tensors if not isinstance(k, str)]
+        if names:
+            raise FormatError(f"<state dict>: keys {names[:3]!r} are not strings")
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise FormatError(f"<state dict>: values of {bad[:3]} are not tensors")
         _check_header("<state dict>", {k: tuple(v.shape) for k, v in tensors.items()}, max_numel)
         return RawAdapter(tensors=tensors)
-    if not isinstance(source, (str, os.PathLike)):
+    if not isinstance(source, (str, os.PathLike)) or not isinstance(os.fspath(source), str):
         raise SourceError(f"cannot read an adapter from a {type(source).__name__}")
+    if not os.fspath(source).strip():  # Path("") is the current folder: never read it by accident
+        raise SourceError("an empty string is not an adapter source (give a file, folder, hub id or state dict)")
     path = Path(source).expanduser()
-    if path.is_symlink() and not path.exists():
-        raise SourceError(f"{path}: a broken or looping symbolic link")
-    if path.is_file():
+    try:
+        if path.is_symlink() and not path.exists():
+            raise SourceError(f"{path}: a broken or looping symbolic link")
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        shown = str(source) if len(str(source)) <= 200 else str(source)[:200] + "…"
+        raise SourceError(f"{shown!r}: not a path that can be opened ({getattr(e, 'strerror', None) or e})") from e
+    if is_file:
         return read_file(path, allow_pickle=allow_pickle, max_numel=max_numel)
-    if path.is_dir():
+    if is_dir:
         return read_dir(path, allow_pickle=allow_pickle, max_numel=max_numel)
     if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
         return read_dir_or_file(hub.download(str(source), allow_pickle=allow_pickle), allow_pickle=allow_pickle,
@@ -176,6 +187,9 @@ def _read_pickle(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
         raise FormatError(f"{path}: expected a non-empty dict of tensors, got {type(obj).__name__}")
+    names = [k for k in obj if not isinstance(k, str)]
+    if names:
+        raise FormatError(f"{path}: keys {names[:3]!r} are not strings")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise FormatError(f"{path}: entries {bad[:3]} are not tensors")
@@ -183,6 +197,12 @@ def _read_pickle(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise SourceError(f"{path}: cannot open: {e.strerror or e}") from e
+    if size > MAX_JSON_BYTES:  # read whole, so bounded first
+        raise FormatError(f"{path}: {size:,} bytes; an adapter config is a few kB ({MAX_JSON_BYTES:,} at most)")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, huge integers
@@ -247,12 +267,16 @@ def staged(dest: str | os.PathLike) -> Iterator[Path]:
     OS and safetensors errors become :class:`WriteError` naming ``dest``."""
     dest = Path(dest)
     tmp = dest.parent / f".{dest.stem}.{uuid.uuid4().hex[:8]}.tmp{dest.suffix}"
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # deepest first
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         _swap_in(tmp, dest)
     except BaseException as e:
         _discard(tmp)
+        for folder in made:  # folders made for dest go too: a failed write leaves the tree as it was
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         cause = e.__cause__ if isinstance(e, WriteError) and e.__cause__ is not None else e
         if isinstance(cause, (OSError, SafetensorError)) and not isinstance(cause, DiffAdaptError):
             raise WriteError(f"{dest}: cannot write: {type(cause).__name__}: {cause}") from cause

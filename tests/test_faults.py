@@ -436,6 +436,57 @@ def test_plausible_headers_still_read(tmp_path):
     io._check_header("t5", shapes, None)  # 1.3e8 values: the shape alone is checked, nothing allocated
 
 
+def big_config(tmp):
+    folder = peft_dir(tmp)
+    with open(folder / "adapter_config.json", "r+b") as f:
+        f.truncate(io.MAX_JSON_BYTES + 1)  # a hole: the size alone must refuse it
+    return folder
+
+
+def int_keys_pickle(tmp):
+    torch.save({0: torch.zeros(4, 32)}, tmp / "ints.pt")
+    return tmp / "ints.pt"
+
+
+SOURCES = [  # id, source builder, error class, needles: bad sources of every kind, each a clear error
+    ("name too long", lambda t: "x" * 5000, da.SourceError, ["not a path that can be opened", "too long"]),
+    ("state dict with int keys", lambda t: {0: torch.zeros(4, 32)}, da.FormatError, ["<state dict>", "not strings"]),
+    ("pickle with int keys", int_keys_pickle, da.FormatError, ["ints.pt", "not strings"]),
+    ("16 MiB adapter_config.json", big_config, da.FormatError, ["adapter_config.json", "16,777,217 bytes"]),
+]
+
+
+@pytest.mark.parametrize("case", SOURCES, ids=[c[0] for c in SOURCES])
+def test_bad_sources_are_named(tmp_path, case):
+    _, build, exc, needles = case
+    with pytest.raises(exc) as e:
+        da.inspect(build(tmp_path), allow_pickle=True)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+def test_empty_string_is_not_the_current_folder(tmp_path, monkeypatch):
+    """Path("") is "."; an empty source must not read whatever adapter sits in the working folder."""
+    save_file(lora(), tmp_path / "here.safetensors")
+    monkeypatch.chdir(tmp_path)
+    for source in ("", "  "):
+        with pytest.raises(da.SourceError, match="empty string"):
+            da.inspect(source)
+    assert da.inspect(".").modules == 1  # asked for by name, the folder is read
+
+
+def test_failed_write_removes_the_folders_it_made(tmp_path, monkeypatch):
+    save_file(lora(), tmp_path / "in.safetensors")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "save_file", full)
+    with pytest.raises(da.WriteError, match="No space left"):
+        da.convert(tmp_path / "in.safetensors", tmp_path / "new" / "deeper" / "out.safetensors", format="kohya")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
 def test_fp16_adapter_overflowing_an_fp16_model():
     """Finite in float32, past 65504 in float16: refused on the fp16 model, loaded on the fp32 one."""
     sd = {"lora_down.weight": torch.full((4, 32), 200.0, dtype=torch.float16),
