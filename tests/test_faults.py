@@ -12,6 +12,7 @@ import copy
 import errno
 import json
 import math
+import re
 import struct
 import sys
 import threading
@@ -669,6 +670,34 @@ def test_peft_folder_is_replaced_whole(saver, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["unet"]
     assert da.inspect(dest).components == {"unet": da.adapters(saver)["u"].modules}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old siblings left
+
+
+FOLDERS = [  # id, format, destination (a folder under tmp), what the user keeps there, needle
+    ("kohya onto a folder", "kohya", "loras", {"mine.safetensors": b"x"}, "one .safetensors file"),
+    ("peft file onto a folder", "peft", "loras.safetensors", {"mine.safetensors": b"x"}, "one .safetensors file"),
+    ("peft onto a folder with other files", "peft", "out", {"adapter_config.json": b"{}", "notes.txt": b"x"},
+     "(notes.txt)"),
+    ("peft onto a component folder with other files", "peft", "out", {"unet/adapter_config.json": b"{}",
+                                                                      "unet/train.log": b"x"}, "(unet/train.log)"),
+]
+
+
+@pytest.mark.parametrize("case", FOLDERS, ids=[c[0] for c in FOLDERS])
+def test_overwrite_never_deletes_other_files(tmp_path, capsys, case):
+    """overwrite replaces a destination whole; a folder holding anything an output of that kind would not
+    hold is refused, even with overwrite (CLI: --force), and kept as it was."""
+    _, fmt, name, kept, needle = case
+    save_file(lora(), tmp_path / "in.safetensors")
+    dest = tmp_path / name
+    for rel, data in kept.items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(data)
+    with pytest.raises(da.DiffAdaptError, match=re.escape(needle)):
+        da.convert(tmp_path / "in.safetensors", dest, format=fmt, overwrite=True)
+    assert main(["convert", str(tmp_path / "in.safetensors"), str(dest), "--format", fmt, "--force"]) == 2
+    assert needle in capsys.readouterr().err
+    assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.safetensors", name])
 
 
 @pytest.mark.parametrize("error", [SafetensorError("disk full"), OSError(errno.ENOSPC, "No space left on device"),
