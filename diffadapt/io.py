@@ -166,6 +166,8 @@ def read_safetensors(path: Path, *, max_numel: int | None = None) -> tuple[dict[
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         if isinstance(e, DiffAdaptError):
             raise
+        if isinstance(e, OSError):  # the OS refused (permissions, a file gone since listed): not the bytes' fault
+            raise SourceError(f"{path}: cannot open: {e.strerror or e}") from e
         hint = " (truncated or not a safetensors file?)"
         raise FormatError(f"{path}: cannot read safetensors: {e}{hint}") from e
     if not tensors:

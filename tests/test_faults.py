@@ -466,6 +466,23 @@ def test_bad_sources_are_named(tmp_path, case):
         assert needle in str(e.value), (needle, str(e.value))
 
 
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
+                                   FileNotFoundError(errno.ENOENT, "No such file or directory")],
+                         ids=["permission", "gone since listed"])
+def test_os_refusals_are_source_errors(tmp_path, monkeypatch, error):
+    """The OS refusing a file is not a malformed file: SourceError naming it, no "truncated?" hint."""
+    save_file(lora(), tmp_path / "ink.safetensors")
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(io, "safe_open", refuse)
+    with pytest.raises(da.SourceError) as e:
+        da.inspect(tmp_path / "ink.safetensors")
+    assert str(tmp_path / "ink.safetensors") in str(e.value) and error.strerror in str(e.value)
+    assert "truncated" not in str(e.value)
+
+
 def test_empty_string_is_not_the_current_folder(tmp_path, monkeypatch):
     """Path("") is "."; an empty source must not read whatever adapter sits in the working folder."""
     save_file(lora(), tmp_path / "here.safetensors")
