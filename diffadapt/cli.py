@@ -83,8 +83,15 @@ def _device(name: str | None) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    """Every source is summarised; one that cannot be read is reported (one line) and the rest still are."""
+    failed = 0
     for source in args.sources:
-        info = api.inspect(source, allow_pickle=args.allow_pickle)
+        try:
+            info = api.inspect(source, allow_pickle=args.allow_pickle)
+        except DiffAdaptError as e:
+            print(f"diffadapt: error: {_one_line(e)}", file=sys.stderr)
+            failed += 1
+            continue
         if args.json:
             data = asdict(info)
             if not args.metadata:
@@ -97,7 +104,7 @@ def _inspect(args: argparse.Namespace) -> int:
                     print(f"  {k}: {v if len(v) < 200 else v[:200] + '…'}")
         if len(args.sources) > 1:
             print()
-    return 0
+    return 2 if failed else 0
 
 
 # --------------------------------------------------------------------------- generate

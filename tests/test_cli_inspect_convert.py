@@ -1,7 +1,9 @@
-"""``diffadapt convert --model`` takes every built-in family by name (its module tree built on the meta
-device), not only sd1/sdxl, and names nothing it cannot load."""
+"""``diffadapt inspect`` goes on past a file it cannot read; ``diffadapt convert --model`` takes every
+built-in family by name (its module tree built on the meta device), not only sd1/sdxl."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -40,3 +42,17 @@ def test_unknown_family_name_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no-such-model-dir" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
+
+
+def test_inspect_reports_each_bad_file_and_goes_on(tmp_path, capsys):
+    good = tmp_path / "good.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2), "lora_unet_x.lora_up.weight": torch.zeros(2, 1)},
+              good)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    argv = [str(good), str(tmp_path / "empty.safetensors"), str(tmp_path / "missing"), str(good)]
+    assert main(["inspect", "--json", *argv]) == 2
+    out, err = capsys.readouterr()
+    assert [json.loads(doc)["modules"] for doc in out.strip().split("\n\n")] == [1, 1]
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "empty.safetensors" in lines[0] and "missing" in lines[1]
+    assert main(["inspect", str(good)]) == 0 and main(["inspect", str(tmp_path / "missing")]) == 2
