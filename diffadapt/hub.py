@@ -8,6 +8,7 @@ usual; if it does not, only the cache is used. ``HF_HUB_OFFLINE=1`` skips the ne
 
 from __future__ import annotations
 
+import glob
 import importlib
 from pathlib import Path
 
@@ -28,6 +29,36 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def pick(names: list[str], *, source: str) -> list[str]:
+    """The files of a repo that ``io.read_dir`` would read, chosen from the repo's listing before anything is
+    downloaded: a model repo's gigabytes are never fetched by mistake, and a repo of several adapters is
+    refused with their names at once."""
+    from .io import COMPONENT_DIRS, DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
+
+    have = set(names)
+
+    def peft(prefix: str) -> list[str]:
+        weights = next((prefix + w for w in PEFT_WEIGHTS if prefix + w in have), None)
+        return [prefix + PEFT_CONFIG] + ([weights] if weights else [])
+
+    if PEFT_CONFIG in have:
+        return peft("")
+    comps = [c for c in COMPONENT_DIRS if f"{c}/{PEFT_CONFIG}" in have]
+    if comps:
+        return [f for c in comps for f in peft(f"{c}/")]
+    diffusers = [n for n in DIFFUSERS_WEIGHTS if n in have]
+    if diffusers:
+        return diffusers[:1]
+    top = sorted(n for n in have if "/" not in n and n.endswith(".safetensors"))
+    if len(top) == 1:
+        return top
+    if not top:
+        raise SourceError(f"{source}: the repo holds no adapter (no {PEFT_CONFIG}, no .safetensors file at its top)")
+    shown = ", ".join(top[:5]) + (", …" if len(top) > 5 else "")
+    raise SourceError(f"{source}: the repo holds {len(top)} .safetensors files ({shown}); name one, "
+                      f"e.g. {source}/{top[0]}")
+
+
 def download(source: str, *, allow_pickle: bool) -> Path:
     """The cached (or freshly downloaded) file or snapshot folder for a hub id; :class:`SourceError` otherwise."""
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
@@ -40,11 +71,11 @@ def download(source: str, *, allow_pickle: bool) -> Path:
     cache = constants.HF_HUB_CACHE
     timeout, endpoint = constants.HF_HUB_ETAG_TIMEOUT, constants.ENDPOINT  # the probe and the download alike
 
-    def fetch(local: bool) -> Path:
+    def fetch(local: bool, files: list[str] | None = None) -> Path:
         if filename:
             return Path(hf_hub_download(repo_id, filename, local_files_only=local, etag_timeout=timeout,
                                         endpoint=endpoint))
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local,
+        return Path(snapshot_download(repo_id, allow_patterns=files or patterns, local_files_only=local,
                                       etag_timeout=timeout, endpoint=endpoint))
 
     def from_cache(why: str) -> Path:
@@ -60,7 +91,7 @@ def download(source: str, *, allow_pickle: bool) -> Path:
     if constants.HF_HUB_OFFLINE:
         return from_cache("HF_HUB_OFFLINE is set, so the Hub is not asked")
     try:
-        HfApi(endpoint=endpoint).repo_info(repo_id, timeout=timeout)  # one request, no retries
+        info = HfApi(endpoint=endpoint).repo_info(repo_id, timeout=timeout)  # one request, no retries
     except HFValidationError as e:
         raise SourceError(f"{source}: not a local path, and not a valid hub id ({e})") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # the Hub answered (gated repos too)
@@ -73,8 +104,10 @@ def download(source: str, *, allow_pickle: bool) -> Path:
         return from_cache(f"the Hub ({endpoint}) is not answering (HTTP {status})")
     except _transport_errors() as e:
         return from_cache(f"the Hub ({endpoint}) cannot be reached: {type(e).__name__}: {e}")
+    listed = None if filename or info.siblings is None else [f.rfilename for f in info.siblings]
+    files = None if listed is None else [glob.escape(n) for n in pick(listed, source=source)]
     try:
-        return fetch(False)
+        return fetch(False, files)
     except LocalEntryNotFoundError as e:  # the network failed after the Hub had answered
         raise SourceError(f"{source}: the download failed and it is not in the cache ({cache}): {e}") from None
     except HfHubHTTPError as e:  # EntryNotFoundError (no such file in the repo) is one

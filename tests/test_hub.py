@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import threading
 import time
@@ -37,17 +38,21 @@ def blob() -> bytes:
 class FakeHub(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, blob: bytes):
+    def __init__(self, repos: dict[str, dict[str, bytes]]):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.blob, self.mode, self.requests = blob, "up", []
-
-    def asked(self) -> list[str]:
-        """The requests about the repo (huggingface_hub also fetches its own registry once a process)."""
-        return [r for r in self.requests if "/user/" in r]
+        self.repos, self.mode, self.requests = repos, "up", []
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def asked(self) -> list[str]:
+        """The requests about repos (huggingface_hub also fetches its own registry once a process)."""
+        return [r for r in self.requests if "/user/" in r]
+
+
+ROUTE = re.compile(r"^/(?:api/models/(?P<info>user/[^/]+)(?:/revision/main)?|api/models/(?P<tree>user/[^/]+)/tree/"
+                   r"[0-9a-f]{40}|(?P<repo>user/[^/]+)/resolve/[^/]+/(?P<file>.+))$")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -75,22 +80,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.requests.append(f"{self.command} {path}")
         if self.server.mode == "down":
             return self._send(503, b"down")
-        blob, etag = self.server.blob, hashlib.sha256(self.server.blob).hexdigest()
-        info = json.dumps({"id": "user/ink", "sha": COMMIT, "siblings": [{"rfilename": FILE}]}).encode()
-        routes = {
-            "/api/models/user/ink": info,
-            "/api/models/user/ink/revision/main": info,
-            f"/api/models/user/ink/tree/{COMMIT}": json.dumps(
-                [{"type": "file", "path": FILE, "size": len(blob), "oid": etag[:40],
-                  "lfs": {"oid": etag, "size": len(blob), "pointerSize": 134}}]).encode(),
-        }
-        if path in routes:
-            return self._send(200, routes[path], body=body)
-        if path in (f"/user/ink/resolve/main/{FILE}", f"/user/ink/resolve/{COMMIT}/{FILE}"):
-            return self._send(200, blob, body=body, headers={"X-Repo-Commit": COMMIT, "ETag": f'"{etag}"'})
-        if path.startswith("/user/ink/resolve/"):
+        m = ROUTE.match(path)
+        repo = m and self.server.repos.get(m["info"] or m["tree"] or m["repo"])
+        if repo is None:
+            return self._send(404, b"", body=body, headers={"X-Error-Code": "RepoNotFound"})
+        if m["info"]:
+            info = {"id": m["info"], "sha": COMMIT, "siblings": [{"rfilename": f} for f in repo]}
+            return self._send(200, json.dumps(info).encode(), body=body)
+        if m["tree"]:
+            tree = [{"type": "file", "path": f, "size": len(b), "oid": sha(b)[:40],
+                     "lfs": {"oid": sha(b), "size": len(b), "pointerSize": 134}} for f, b in repo.items()]
+            return self._send(200, json.dumps(tree).encode(), body=body)
+        if m["file"] not in repo:
             return self._send(404, b"", body=body, headers={"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
-        return self._send(404, b"", body=body, headers={"X-Error-Code": "RepoNotFound"})
+        data = repo[m["file"]]
+        return self._send(200, data, body=body, headers={"X-Repo-Commit": COMMIT, "ETag": f'"{sha(data)}"'})
 
     def _send(self, status: int, data: bytes, *, body: bool = True, headers: dict | None = None):
         self.send_response(status)
@@ -102,9 +106,26 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+PEFT_Q = "base_model.model.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
 @pytest.fixture(scope="module")
-def server(blob):
-    hub = FakeHub(blob)
+def repos(blob):
+    peft = save({f"{PEFT_Q}.lora_A.weight": torch.ones(4, 32), f"{PEFT_Q}.lora_B.weight": torch.ones(32, 4)})
+    config = json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["to_q"]}).encode()
+    return {"user/ink": {FILE: blob, "README.md": b"# ink"},
+            "user/two": {"a.safetensors": blob, "b.safetensors": blob},
+            "user/peft": {"adapter_config.json": config, "adapter_model.safetensors": peft, "README.md": b"#",
+                          "model.safetensors": b"the base model: never fetched", "unet/model.safetensors": b"x"}}
+
+
+@pytest.fixture(scope="module")
+def server(repos):
+    hub = FakeHub(repos)
     thread = threading.Thread(target=hub.serve_forever, daemon=True)
     thread.start()
     yield hub
@@ -140,6 +161,8 @@ CASES = {  # id: (server mode, offline, cached, source, error match or None (loa
     "offline-file": ("up", True, False, f"user/ink/{FILE}", "HF_HUB_OFFLINE is set", 0),
     "no-such-repo": ("up", False, False, "user/other", "no such repository on the Hub", 1),
     "no-such-file": ("up", False, False, "user/ink/missing.safetensors", "EntryNotFound", 2),
+    "repo-of-two": ("up", False, False, "user/two", "2 .safetensors files \\(a.safetensors, b.safetensors\\); "
+                    "name one, e.g. user/two/a.safetensors", 1),
 }
 
 
@@ -155,7 +178,7 @@ def test_hub_is_asked_once(server, blob, monkeypatch, tmp_path, case):
         with pytest.raises(da.SourceError, match=error) as e:
             da.inspect(source)
         assert source in str(e.value)
-        if not offline and "cached" not in case and "no-such" not in case:
+        if mode != "up":  # unreachable: the message says where it looked
             assert cache in str(e.value) and server.url in str(e.value)
     assert len(server.asked()) == asked, server.requests
 
@@ -183,3 +206,13 @@ def test_closed_port_fails_fast(monkeypatch, tmp_path):
     with pytest.raises(da.SourceError, match="cannot be reached"):
         da.inspect(f"user/ink/{FILE}")
     assert time.monotonic() - start < 10
+
+
+def test_repo_files_are_chosen_before_downloading(server, monkeypatch, tmp_path):
+    """A PEFT repo that also holds base weights: only its config and adapter weights are fetched."""
+    use_hub(monkeypatch, tmp_path, endpoint=server.url)
+    server.mode, server.requests = "up", []
+    info = da.inspect("user/peft")
+    assert (info.modules, info.ranks) == (1, {4: 1})
+    fetched = sorted(r.rsplit("/", 1)[1] for r in server.asked() if r.startswith("GET /user/peft/resolve/"))
+    assert fetched == ["adapter_config.json", "adapter_model.safetensors"]
