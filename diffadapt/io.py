@@ -117,7 +117,7 @@ def _check_header(where: str, shapes: dict[str, tuple[int, ...]], max_numel: int
             if not key.endswith("." + second) or len(shape) < 2 or not shape[0]:
                 continue
             other = shapes.get(key[: -len(second)] + first)
-            if other is None or math.prod(other) % shape[0]:
+            if other is None or shape[0] not in tuple(other)[:2] or math.prod(other) % shape[0]:
                 continue  # mismatched factors are reported with the module when parsed
             rank, out, inn = shape[0], math.prod(other) // shape[0], math.prod(shape[1:])
             if rank > max(out, inn):
