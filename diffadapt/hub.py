@@ -60,33 +60,57 @@ def pick(names: list[str], *, source: str) -> list[str]:
 
 
 def download(source: str, *, allow_pickle: bool) -> Path:
-    """The cached (or freshly downloaded) file or snapshot folder for a hub id; :class:`SourceError` otherwise."""
+    """The cached (or freshly downloaded) file, folder or repo snapshot a hub id names (``user/repo``,
+    ``user/repo/file.safetensors``, ``user/repo/folder``); :class:`SourceError` otherwise."""
     from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     parts = source.split("/")
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    repo_id, inner = "/".join(parts[:2]), "/".join(parts[2:])  # inner: a file or folder in the repo, or ""
     patterns = WEIGHT_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
     cache = constants.HF_HUB_CACHE
     timeout, endpoint = constants.HF_HUB_ETAG_TIMEOUT, constants.ENDPOINT  # the probe and the download alike
 
-    def fetch(local: bool, files: list[str] | None = None) -> Path:
-        if filename:
-            return Path(hf_hub_download(repo_id, filename, local_files_only=local, etag_timeout=timeout,
-                                        endpoint=endpoint))
-        return Path(snapshot_download(repo_id, allow_patterns=files or patterns, local_files_only=local,
-                                      etag_timeout=timeout, endpoint=endpoint))
+    def snapshot(local: bool, files: list[str] | None) -> Path:
+        folder = Path(snapshot_download(repo_id, allow_patterns=files, local_files_only=local,
+                                        etag_timeout=timeout, endpoint=endpoint))
+        return folder / inner if inner else folder
+
+    def file(local: bool) -> Path:
+        return Path(hf_hub_download(repo_id, inner, local_files_only=local, etag_timeout=timeout, endpoint=endpoint))
+
+    def wanted(listed: list[str]) -> list[str] | None:
+        """From a repo listing: None when ``inner`` is a file, else the snapshot patterns of what to read."""
+        if inner and inner in listed:
+            return None
+        prefix = f"{inner}/" if inner else ""
+        below = [n[len(prefix):] for n in listed if n.startswith(prefix)]
+        if not below:
+            shown = ", ".join(sorted(listed)[:5]) + (", …" if len(listed) > 5 else "")
+            raise SourceError(f"{source}: the repo {repo_id} has no file or folder '{inner}' (it holds: {shown})")
+        return [glob.escape(prefix + n) for n in pick(below, source=source)]
 
     def from_cache(why: str) -> Path:
+        missing = SourceError(f"{source}: not a local path, and not in the Hugging Face cache ({cache}); {why}")
         try:
-            path = fetch(True)
+            listed = _cached_listing(repo_id)
+            if listed is not None:  # the listing a download cached: the same choice as online
+                files = wanted(listed)
+                return file(True) if files is None else snapshot(True, files)
+            if not inner:
+                return snapshot(True, patterns)
+            try:
+                return file(True)
+            except LocalEntryNotFoundError:  # a folder of the repo, if its snapshot holds it
+                path = snapshot(True, [f"{glob.escape(inner)}/*"])
+                if not path.is_dir():
+                    raise missing from None
+                return path
         except HFValidationError as e:
             raise SourceError(f"{source}: not a local path, and not a valid hub id ({e})") from None
         except LocalEntryNotFoundError:
-            raise SourceError(f"{source}: not a local path, and not in the Hugging Face cache ({cache}); "
-                              f"{why}") from None
-        return path
+            raise missing from None
 
     if constants.HF_HUB_OFFLINE:
         return from_cache("HF_HUB_OFFLINE is set, so the Hub is not asked")
@@ -104,13 +128,30 @@ def download(source: str, *, allow_pickle: bool) -> Path:
         return from_cache(f"the Hub ({endpoint}) is not answering (HTTP {status})")
     except _transport_errors() as e:
         return from_cache(f"the Hub ({endpoint}) cannot be reached: {type(e).__name__}: {e}")
-    listed = None if filename or info.siblings is None else [f.rfilename for f in info.siblings]
-    files = None if listed is None else [glob.escape(n) for n in pick(listed, source=source)]
+    listed = None if info.siblings is None else [f.rfilename for f in info.siblings]
     try:
-        return fetch(False, files)
+        if listed is None:  # no listing: ask for the file, or everything that may be an adapter
+            return file(False) if inner else snapshot(False, patterns)
+        files = wanted(listed)
+        return file(False) if files is None else snapshot(False, files)
+    except SourceError:
+        raise
     except LocalEntryNotFoundError as e:  # the network failed after the Hub had answered
         raise SourceError(f"{source}: the download failed and it is not in the cache ({cache}): {e}") from None
-    except HfHubHTTPError as e:  # EntryNotFoundError (no such file in the repo) is one
+    except HfHubHTTPError as e:
         raise SourceError(f"{source}: cannot fetch from the Hub: {type(e).__name__}: {e}") from None
     except _transport_errors() as e:
         raise SourceError(f"{source}: the download from the Hub failed: {type(e).__name__}: {e}") from None
+
+
+def _cached_listing(repo_id: str) -> list[str] | None:
+    """The repo's file list as the last snapshot download cached it (huggingface_hub ≥ 1.x), else None."""
+    try:
+        from huggingface_hub import get_cached_repo_tree
+        from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    except ImportError:
+        return None
+    try:
+        return [f.path for f in get_cached_repo_tree(repo_id)]
+    except (CachedRepoTreeNotFoundError, OSError, ValueError, KeyError):  # none cached, or unreadable
+        return None

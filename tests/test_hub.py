@@ -120,7 +120,9 @@ def repos(blob):
     return {"user/ink": {FILE: blob, "README.md": b"# ink"},
             "user/two": {"a.safetensors": blob, "b.safetensors": blob},
             "user/peft": {"adapter_config.json": config, "adapter_model.safetensors": peft, "README.md": b"#",
-                          "model.safetensors": b"the base model: never fetched", "unet/model.safetensors": b"x"}}
+                          "model.safetensors": b"the base model: never fetched", "unet/model.safetensors": b"x",
+                          "styles/ink/adapter.safetensors": blob, "styles/ink/preview.safetensors": blob,
+                          "styles/film/pytorch_lora_weights.safetensors": blob}}
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +162,8 @@ CASES = {  # id: (server mode, offline, cached, source, error match or None (loa
     "offline-repo-cached": ("up", True, True, "user/ink", None, 0),
     "offline-file": ("up", True, False, f"user/ink/{FILE}", "HF_HUB_OFFLINE is set", 0),
     "no-such-repo": ("up", False, False, "user/other", "no such repository on the Hub", 1),
-    "no-such-file": ("up", False, False, "user/ink/missing.safetensors", "EntryNotFound", 2),
+    "no-such-file": ("up", False, False, "user/ink/missing.safetensors",
+                     "no file or folder 'missing.safetensors' \\(it holds: README.md, adapter.safetensors\\)", 1),
     "repo-of-two": ("up", False, False, "user/two", "2 .safetensors files \\(a.safetensors, b.safetensors\\); "
                     "name one, e.g. user/two/a.safetensors", 1),
 }
@@ -208,11 +211,29 @@ def test_closed_port_fails_fast(monkeypatch, tmp_path):
     assert time.monotonic() - start < 10
 
 
-def test_repo_files_are_chosen_before_downloading(server, monkeypatch, tmp_path):
-    """A PEFT repo that also holds base weights: only its config and adapter weights are fetched."""
+PICKED = {  # source: the files fetched (None: refused before any download, with this message)
+    "user/peft": ["adapter_config.json", "adapter_model.safetensors"],  # not the base weights beside them
+    "user/peft/styles/film": ["styles/film/pytorch_lora_weights.safetensors"],  # a folder of the repo
+    "user/peft/styles/ink": "2 .safetensors files \\(adapter.safetensors, preview.safetensors\\)",
+}
+
+
+@pytest.mark.parametrize("source", PICKED)
+def test_repo_files_are_chosen_before_downloading(server, monkeypatch, tmp_path, source):
+    """What a repo (or a folder of it) holds is read from its listing: only the adapter's files are fetched,
+    as a local folder would be read; the snapshot then serves offline."""
     use_hub(monkeypatch, tmp_path, endpoint=server.url)
     server.mode, server.requests = "up", []
-    info = da.inspect("user/peft")
-    assert (info.modules, info.ranks) == (1, {4: 1})
-    fetched = sorted(r.rsplit("/", 1)[1] for r in server.asked() if r.startswith("GET /user/peft/resolve/"))
-    assert fetched == ["adapter_config.json", "adapter_model.safetensors"]
+    expected = PICKED[source]
+    if isinstance(expected, str):
+        with pytest.raises(da.SourceError, match=expected):
+            da.inspect(source)
+        assert server.asked() == ["GET /api/models/user/peft"]
+        return
+    info = da.inspect(source)
+    assert info.modules == 1
+    fetched = sorted(r.split("/resolve/")[1].split("/", 1)[1] for r in server.asked() if r.startswith("GET /user/"))
+    assert fetched == expected
+    use_hub(monkeypatch, tmp_path, endpoint=server.url, offline=True)
+    server.requests = []
+    assert da.inspect(source).modules == 1 and server.asked() == []
