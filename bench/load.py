@@ -168,6 +168,38 @@ class Bench:
             self.snap.restore()  # unfusing subtracts the delta again: not bit-exact
         return round_
 
+    def floor_round(self, path: str):
+        """What any fused load must do at least, timed on the reference's own factors (peft layers of diffusers'
+        load): ``write`` — one ``addmm`` per touched weight into a reused buffer (read W0, the GEMM, write W: a
+        warm load's whole job), ``backup`` — copying the touched weights into fresh memory (what a first load
+        adds to keep the originals for an exact unload)."""
+        from peft.tuners.lora import LoraLayer
+
+        def round_(times):
+            self.pipe.load_lora_weights(path, adapter_name="floor")
+            jobs = []
+            for m in self.unet.modules():
+                if isinstance(m, LoraLayer) and "floor" in m.lora_A:
+                    w = m.get_base_layer().weight.data
+                    b = m.lora_B["floor"].weight.detach().reshape(w.shape[0], -1) * m.scaling["floor"]
+                    jobs.append((w.reshape(w.shape[0], -1), b, m.lora_A["floor"].weight.detach().reshape(b.shape[1], -1)))
+            scratch = torch.empty(max(w.numel() for w, _, _ in jobs), device=self.device)
+            with torch.no_grad(), common.timed(times, "write"):
+                for w, b, a in jobs:
+                    torch.addmm(w, b, a, out=scratch[:w.numel()].view(w.shape))
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            del scratch
+            with common.timed(times, "backup"):
+                buf = torch.empty(sum(w.numel() for w, _, _ in jobs), pin_memory=self.device.type == "cuda")
+                o = 0
+                for w, _, _ in jobs:
+                    buf[o:o + w.numel()].view(w.shape).copy_(w)
+                    o += w.numel()
+            del buf, jobs
+            self.pipe.unload_lora_weights()
+        return round_
+
     # -- lycoris ------------------------------------------------------------------------------------
     def lycoris_round(self, path: str, key: str, check: dict | None = None):
         from lycoris import create_lycoris_from_weights
@@ -217,6 +249,8 @@ class Bench:
         if reference == "diffusers":
             rounds["inject"] = self.inject_round(path, key)
             rounds["inject"]({})  # its warm-up (the others had theirs above)
+            rounds["floor"] = self.floor_round(path)
+            rounds["floor"]({})
         s = common.run_rounds(rounds, repeats=repeats, warmup=0)
         second = "fuse" if reference == "diffusers" else "merge"
         ref = [r + f for r, f in zip(s["ref"]["load"], s["ref"][second])]
@@ -224,6 +258,9 @@ class Bench:
         med = {side: {ph: common.median(v) for ph, v in phases.items()} for side, phases in s.items()}
         mem = {side: self.mem[f"{key}/{side}"] for side in ("first", "warm", "reference")}
         storage = {side: self.storage[f"{key}/{side}"] for side in ("first", "warm")}
+        if "floor" in s:  # the least a warm load (write) and a first load (backup + write) can cost, per round
+            ratios["floor warm"] = [w / r for w, r in zip(s["floor"]["write"], ref)]
+            ratios["floor first"] = [(w + b) / r for w, b, r in zip(s["floor"]["write"], s["floor"]["backup"], ref)]
         if "inject" in s:  # unfused against unfused: inject load / diffusers load_lora_weights
             med["inject_ratio"] = common.median([i / r for i, r in zip(s["inject"]["load"], s["ref"]["load"])])
         return {**med, "ratio": {k: common.median(v) for k, v in ratios.items()}, "ratios": ratios, "mem": mem,
@@ -275,6 +312,11 @@ def render(results: dict, sizes: dict, repeats: int, elapsed: float) -> str:
             rows.append([f"{label}, {side} load", f"load {r['ref']['load']:.2f} + {second} {r['ref'][second]:.2f} = "
                          f"{ref_total:.2f}", f"{r[side]['load']:.3f}", f"{r['ratio'][side]:.3f}", target])
     lo = results["lora"]
+    fl = lo["floor"]
+    rows.append(["floor of a warm load: addmm per touched weight, reused out buffer", "(same reference)",
+                 f"{fl['write']:.3f}", f"{lo['ratio']['floor warm']:.3f}", "-"])
+    rows.append(["floor of a first load: + copy of the touched weights to fresh memory", "(same reference)",
+                 f"{fl['write'] + fl['backup']:.3f}", f"{lo['ratio']['floor first']:.3f}", "-"])
     rows.append(["kohya LoRA r16, inject mode vs diffusers load (both unfused)", f"load {lo['ref']['load']:.2f}",
                  f"{lo['inject']['load']:.2f}", f"{lo['inject_ratio']:.3f}", f"<= {INJECT_TARGET:.2f}"])
     unfuse = lo["ref"]["unfuse"] + lo["ref"]["unload"]
@@ -297,7 +339,10 @@ def render(results: dict, sizes: dict, repeats: int, elapsed: float) -> str:
         out.append(f"max |Δ| diffadapt vs {reference}, {label.split(' vs ')[0]} ({sizes[key]:.1f} MB file): "
                    f"{r['delta']:.3g} over {r['touched']} touched parameters; ratio per round first "
                    + " ".join(f"{x:.2f}" for x in r["ratios"]["first"]) + ", warm "
-                   + " ".join(f"{x:.3f}" for x in r["ratios"]["warm"]))
+                   + " ".join(f"{x:.3f}" for x in r["ratios"]["warm"])
+                   + ("" if "floor warm" not in r["ratios"] else "; floors first " + " ".join(
+                       f"{x:.2f}" for x in r["ratios"]["floor first"]) + ", warm " + " ".join(
+                       f"{x:.3f}" for x in r["ratios"]["floor warm"])))
     lora = results["lora"]
     ok = [lora["ratio"][side] <= t for side, t in TARGETS.items()]
     ok += [lora["mem"]["first"] / lora["touched_mb"] <= HOST_TARGET, lora["storage"]["first"] == 0]

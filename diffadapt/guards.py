@@ -19,6 +19,7 @@ import math
 import torch
 
 from .errors import NonFiniteError
+from .methods.base import product_bound
 
 WIDE = 2.0 ** 120  # a base weight above this is not a model a float32/bfloat16 adapter is written for
 
@@ -51,7 +52,7 @@ def _bound(live) -> float | None:
         f = e.params.lowrank()
         if f is not None:
             u, d = f
-            total += abs(e.strength) * u.shape[1] * float(u.abs().amax()) * float(d.abs().amax())
+            total += abs(e.strength) * product_bound(u, d)
             continue
         b = e.params.abs_bound()  # LoHa, LoKr: from their factors
         if b is None:

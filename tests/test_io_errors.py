@@ -175,7 +175,15 @@ def t_rank_disagrees(sd):
     return {**sd, key: sd[key][:2]}, da.FormatError, [key.rsplit(".", 2)[0], "rank"]
 
 
+def t_bias_length(sd):
+    """A 'diff_b' beside a LoRA with one value too many for the module's outputs."""
+    key = first(sd, "lora_up.weight", dim=2)
+    prefix = key.rsplit(".", 2)[0]
+    return {**sd, f"{prefix}.diff_b": torch.zeros(sd[key].shape[0] + 1)}, da.ShapeError, ["diff_b", "outputs"]
+
+
 TENSOR_CASES = {
+    "bias-length": t_bias_length,
     "nan-down": t_nonfinite("lora_down.weight", float("nan")), "inf-up": t_nonfinite("lora_up.weight", float("inf")),
     "nan-alpha": t_nonfinite("alpha", float("nan")), "unknown-suffix": t_unknown_suffix,
     "mix-lora-loha": t_mix(["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]), "mix-lora-full": t_mix(["diff"]),

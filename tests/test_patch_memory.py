@@ -19,6 +19,7 @@ import torch
 import diffadapt as da
 from diffadapt.backends import storage
 from diffadapt.backends import patch
+from diffadapt.backends import slot as slot_module
 from diffadapt.fixtures import pipeline_file
 from diffadapt.testing import param_hashes, tiny_sd1_pipeline
 
@@ -81,7 +82,7 @@ def test_storage_stays_put_restore_is_exact_and_backups_are_reused(pipe, files, 
     """"staged": the path of a host backup under an accelerator model — W0 copied into the live buffer, then
     the write reads and overwrites it there (forced here on CPU)."""
     if backup == "staged":
-        monkeypatch.setattr(patch, "_on", lambda saved, live: live.copy_(saved))
+        monkeypatch.setattr(slot_module, "_on", lambda saved, live: live.copy_(saved))
     mode = "host" if backup == "staged" else backup
     base, where = param_hashes(pipe), pointers(pipe)
     da.load(pipe, files[method], "x", weight=0.8, backup=mode)
@@ -120,9 +121,17 @@ def test_release_keeps_what_loaded_adapters_need_and_release_on_unload_frees_the
         da.configure(pipe, release_on_unload=False)
 
 
+def counting(fn, calls: list):
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
 @pytest.mark.parametrize("edit", ["through .data", "load_state_dict", "to(float16)", "reloaded read-only"])
-def test_weights_changed_while_backups_idle_become_the_new_originals(pipe, unet_file, tmp_path, edit):
-    """A kept backup must not bring back weights the user replaced after the last unload."""
+def test_weights_changed_while_backups_idle_become_the_new_originals(pipe, unet_file, tmp_path, monkeypatch, edit):
+    """A kept backup must not bring back weights the user replaced after the last unload; the process's
+    mappings are read once per verb, not once per re-based module."""
     unet = copy.deepcopy(pipe.unet)
     da.load(unet, unet_file, "x")
     da.unload(unet)  # idle backups kept
@@ -140,7 +149,10 @@ def test_weights_changed_while_backups_idle_become_the_new_originals(pipe, unet_
                 p.data = q.data
             digest = hashlib.sha1((tmp_path / "w.bin").read_bytes()).hexdigest()
     edited = param_hashes(unet)
+    readings = []
+    monkeypatch.setattr(storage.MemoryMap, "__init__", counting(storage.MemoryMap.__init__, readings))
     da.load(unet, unet_file, "x")
+    assert len(readings) == 1
     assert param_hashes(unet) != edited
     da.unload(unet)
     assert param_hashes(unet) == edited

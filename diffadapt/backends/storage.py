@@ -6,6 +6,8 @@ The policy is described in ``diffadapt/backups.py`` (the verbs) and docs/design.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +82,31 @@ class MemoryMap:
         _, _, perms, path = self.rows[i]
         file_backed = bool(path) and not path.startswith("[")
         return "w" in perms and perms[3] == "p" and not file_backed
+
+
+_READING: contextvars.ContextVar[list | None] = contextvars.ContextVar("diffadapt_memory_map", default=None)
+
+
+def memory_map() -> MemoryMap:
+    """The process's mappings: read once per backend call (inside :func:`one_reading`), else read now."""
+    held = _READING.get()
+    if held is None:
+        return MemoryMap()
+    if not held:
+        held.append(MemoryMap())
+    return held[0]
+
+
+@contextlib.contextmanager
+def one_reading():
+    """Every :func:`memory_map` inside shares one reading of ``/proc/self/maps``: a load checks hundreds of
+    weights, and the file has thousands of lines. Mappings made meanwhile are our own private copies, which
+    an older reading rightly calls writable."""
+    token = _READING.set([])
+    try:
+        yield
+    finally:
+        _READING.reset(token)
 
 
 # -- backup buffers ------------------------------------------------------------------------------------

@@ -144,9 +144,15 @@ class Params(abc.ABC):
         raise UnsupportedError(f"{type(self).__name__}: no module shape can be read off its tensors")
 
 
+def abs_max(t: torch.Tensor) -> float:
+    """max|t| in one pass and without an |t| copy (``aminmax``)."""
+    lo, hi = torch.aminmax(t.detach())
+    return max(-float(lo), float(hi))
+
+
 def product_bound(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a @ b| ≤ (inner size)·max|a|·max|b| (flattened factors)."""
-    return a.shape[1 if a.dim() > 1 else 0] * float(a.abs().amax()) * float(b.abs().amax())
+    return a.shape[1 if a.dim() > 1 else 0] * abs_max(a) * abs_max(b)
 
 
 class AlphaOverRank:

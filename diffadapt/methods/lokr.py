@@ -19,7 +19,7 @@ import torch
 
 from ..errors import FormatError, ShapeError
 from .base import MethodDef, ParseContext, Params, PeftEntry, expect_fit, kernel, kernel_of, kohya_scalar, \
-    peft_tensors, product_bound, refuse, scalar
+    abs_max, peft_tensors, product_bound, refuse, scalar
 from .dora import DoRA, dora_on_out
 
 
@@ -154,8 +154,8 @@ class LoKrParams(DoRA, Params):
     def abs_bound(self) -> float | None:
         if self.t2 is not None:
             return None
-        w1 = float(self.w1.abs().amax()) if self.w1 is not None else product_bound(self.w1_a, self.w1_b)
-        w2 = float(self.w2.abs().amax()) if self.w2 is not None else product_bound(self.w2_a, self.w2_b)
+        w1 = abs_max(self.w1) if self.w1 is not None else product_bound(self.w1_a, self.w1_b)
+        w2 = abs_max(self.w2) if self.w2 is not None else product_bound(self.w2_a, self.w2_b)
         return abs(self.scale) * w1 * w2  # every value of kron(w1, w2) is one product w1[i]·w2[j]
 
     def add_to(self, w: torch.Tensor, strength: float, *, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import FormatError
+from ..errors import FormatError, ShapeError
 from .base import (AlphaOverRank, MethodDef, ParseContext, Params, PeftEntry, expect_fit, kohya_scalar, refuse,
                    require, reshape_to, scalar)
 from .dora import DoRA, dora_on_out
