@@ -80,10 +80,13 @@ def read(source: Any, *, allow_pickle: bool = False, max_numel: int | None = Non
         return read_file(path, allow_pickle=allow_pickle, max_numel=max_numel)
     if is_dir:
         return read_dir(path, allow_pickle=allow_pickle, max_numel=max_numel)
-    if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
-        return read_dir_or_file(hub.download(str(source), allow_pickle=allow_pickle), allow_pickle=allow_pickle,
+    text = str(source)
+    local = Path(text.split("/", 1)[0]).is_dir()  # 'loras/ink.safetensors' beside a loras/ folder: a typo, not a hub id
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")) and not local:
+        return read_dir_or_file(hub.download(text, allow_pickle=allow_pickle), allow_pickle=allow_pickle,
                                 max_numel=max_numel)
-    raise SourceError(f"{source}: no such file or directory")
+    hint = f" (not looked up on the Hub: ./{text.split('/', 1)[0]} is a local folder)" if local and "/" in text else ""
+    raise SourceError(f"{source}: no such file or directory{hint}")
 
 
 def read_dir_or_file(path: Path, *, allow_pickle: bool, max_numel: int | None = None) -> RawAdapter:

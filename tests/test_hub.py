@@ -237,3 +237,14 @@ def test_repo_files_are_chosen_before_downloading(server, monkeypatch, tmp_path,
     use_hub(monkeypatch, tmp_path, endpoint=server.url, offline=True)
     server.requests = []
     assert da.inspect(source).modules == 1 and server.asked() == []
+
+
+def test_a_local_folder_is_not_a_hub_user(server, monkeypatch, tmp_path):
+    """'loras/ink.safetensors' missing beside a loras/ folder is a typo: reported as such, the Hub not asked."""
+    use_hub(monkeypatch, tmp_path, endpoint=server.url)
+    (tmp_path / "user").mkdir()
+    monkeypatch.chdir(tmp_path)
+    server.mode, server.requests = "up", []
+    with pytest.raises(da.SourceError, match="no such file or directory \\(not looked up on the Hub: ./user is a "):
+        da.inspect(f"user/ink/{FILE}")
+    assert server.asked() == []
