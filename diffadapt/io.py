@@ -83,8 +83,10 @@ def read(source: Any, *, allow_pickle: bool = False, max_numel: int | None = Non
     text = str(source)
     local = Path(text.split("/", 1)[0]).is_dir()  # 'loras/ink.safetensors' beside a loras/ folder: a typo, not a hub id
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")) and not local:
-        return read_dir_or_file(hub.download(text, allow_pickle=allow_pickle), allow_pickle=allow_pickle,
-                                max_numel=max_numel)
+        raw = read_dir_or_file(hub.download(text, allow_pickle=allow_pickle), allow_pickle=allow_pickle,
+                               max_numel=max_numel)
+        raw.source = text  # summaries and errors name what the user gave; raw.files has the cached paths
+        return raw
     hint = f" (not looked up on the Hub: ./{text.split('/', 1)[0]} is a local folder)" if local and "/" in text else ""
     raise SourceError(f"{source}: no such file or directory{hint}")
 

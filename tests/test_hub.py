@@ -192,6 +192,7 @@ def test_download_then_offline(server, blob, monkeypatch, tmp_path, source):
     use_hub(monkeypatch, tmp_path, endpoint=server.url)
     server.mode, server.requests = "up", []
     first = da.inspect(source)
+    assert first.source == source
     assert server.asked()[0] == "GET /api/models/user/ink" and any(r.startswith("GET /user/ink/resolve/")
                                                                    for r in server.asked())
     use_hub(monkeypatch, tmp_path, endpoint=server.url, offline=True)
