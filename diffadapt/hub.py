@@ -29,11 +29,11 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def pick(names: list[str], *, source: str) -> list[str]:
+def pick(names: list[str], *, source: str, allow_pickle: bool = False) -> list[str]:
     """The files of a repo that ``io.read_dir`` would read, chosen from the repo's listing before anything is
     downloaded: a model repo's gigabytes are never fetched by mistake, and a repo of several adapters is
     refused with their names at once."""
-    from .io import COMPONENT_DIRS, DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS
+    from .io import COMPONENT_DIRS, DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_SUFFIXES
 
     have = set(names)
 
@@ -50,12 +50,14 @@ def pick(names: list[str], *, source: str) -> list[str]:
     if diffusers:
         return diffusers[:1]
     top = sorted(n for n in have if "/" not in n and n.endswith(".safetensors"))
+    if not top and allow_pickle:
+        top = sorted(n for n in have if "/" not in n and n.lower().endswith(PICKLE_SUFFIXES))
     if len(top) == 1:
         return top
     if not top:
         raise SourceError(f"{source}: the repo holds no adapter (no {PEFT_CONFIG}, no .safetensors file at its top)")
     shown = ", ".join(top[:5]) + (", …" if len(top) > 5 else "")
-    raise SourceError(f"{source}: the repo holds {len(top)} .safetensors files ({shown}); name one, "
+    raise SourceError(f"{source}: the repo holds {len(top)} adapter files ({shown}); name one, "
                       f"e.g. {source}/{top[0]}")
 
 
@@ -89,7 +91,7 @@ def download(source: str, *, allow_pickle: bool) -> Path:
         if not below:
             shown = ", ".join(sorted(listed)[:5]) + (", …" if len(listed) > 5 else "")
             raise SourceError(f"{source}: the repo {repo_id} has no file or folder '{inner}' (it holds: {shown})")
-        return [glob.escape(prefix + n) for n in pick(below, source=source)]
+        return [glob.escape(prefix + n) for n in pick(below, source=source, allow_pickle=allow_pickle)]
 
     def from_cache(why: str) -> Path:
         missing = SourceError(f"{source}: not a local path, and not in the Hugging Face cache ({cache}); {why}")

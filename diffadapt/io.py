@@ -240,14 +240,19 @@ def read_dir(path: Path, *, allow_pickle: bool = False, max_numel: int | None = 
         if (path / name).is_file():
             return read_file(path / name, allow_pickle=allow_pickle, max_numel=max_numel)
     try:
-        files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+        files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
+        pickles = sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
     except OSError as e:
         raise SourceError(f"{path}: cannot list the folder: {e.strerror or e}") from e
+    if not files and allow_pickle:  # the user trusts pickles: a folder of one checkpoint is read like any other
+        files = pickles
     if len(files) == 1:
         return read_file(files[0], allow_pickle=allow_pickle, max_numel=max_numel)
     if not files:
-        raise SourceError(f"{path}: no adapter found (no {PEFT_CONFIG}, no .safetensors file)")
-    raise SourceError(f"{path}: several .safetensors files ({', '.join(f.name for f in files)}); name one")
+        hint = (f"; it holds pickle files ({', '.join(p.name for p in pickles[:3])}): pass allow_pickle=True "
+                "(CLI: --allow-pickle) if you trust them") if pickles else ""
+        raise SourceError(f"{path}: no adapter found (no {PEFT_CONFIG}, no .safetensors file){hint}")
+    raise SourceError(f"{path}: several adapter files ({', '.join(f.name for f in files)}); name one")
 
 
 def _read_peft_dir(path: Path, *, component: str, allow_pickle: bool, max_numel: int | None = None) -> RawAdapter:

@@ -483,6 +483,15 @@ def test_os_refusals_are_source_errors(tmp_path, monkeypatch, error):
     assert "truncated" not in str(e.value)
 
 
+def test_folder_of_one_pickle(tmp_path):
+    """A folder holding one checkpoint is read as a file would be once pickles are allowed, and named before."""
+    (tmp_path / "ck").mkdir()
+    torch.save(lora(), tmp_path / "ck" / "style.pt")
+    with pytest.raises(da.SourceError, match="it holds pickle files \\(style.pt\\): pass allow_pickle=True"):
+        da.inspect(tmp_path / "ck")
+    assert da.inspect(tmp_path / "ck", allow_pickle=True).modules == 1
+
+
 def test_empty_string_is_not_the_current_folder(tmp_path, monkeypatch):
     """Path("") is "."; an empty source must not read whatever adapter sits in the working folder."""
     save_file(lora(), tmp_path / "here.safetensors")

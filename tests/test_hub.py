@@ -164,7 +164,7 @@ CASES = {  # id: (server mode, offline, cached, source, error match or None (loa
     "no-such-repo": ("up", False, False, "user/other", "no such repository on the Hub", 1),
     "no-such-file": ("up", False, False, "user/ink/missing.safetensors",
                      "no file or folder 'missing.safetensors' \\(it holds: README.md, adapter.safetensors\\)", 1),
-    "repo-of-two": ("up", False, False, "user/two", "2 .safetensors files \\(a.safetensors, b.safetensors\\); "
+    "repo-of-two": ("up", False, False, "user/two", "2 adapter files \\(a.safetensors, b.safetensors\\); "
                     "name one, e.g. user/two/a.safetensors", 1),
 }
 
@@ -215,7 +215,7 @@ def test_closed_port_fails_fast(monkeypatch, tmp_path):
 PICKED = {  # source: the files fetched (None: refused before any download, with this message)
     "user/peft": ["adapter_config.json", "adapter_model.safetensors"],  # not the base weights beside them
     "user/peft/styles/film": ["styles/film/pytorch_lora_weights.safetensors"],  # a folder of the repo
-    "user/peft/styles/ink": "2 .safetensors files \\(adapter.safetensors, preview.safetensors\\)",
+    "user/peft/styles/ink": "2 adapter files \\(adapter.safetensors, preview.safetensors\\)",
 }
 
 
