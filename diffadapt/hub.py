@@ -13,6 +13,7 @@ import importlib
 from pathlib import Path
 
 from .errors import SourceError
+from .layout import COMPONENT_DIRS, DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_SUFFIXES
 
 PICKLE_PATTERNS = ["*.bin", "*.pt", "*.ckpt", "*.pth"]
 WEIGHT_PATTERNS = ["*.safetensors", "*.json"]
@@ -33,8 +34,6 @@ def pick(names: list[str], *, source: str, allow_pickle: bool = False) -> list[s
     """The files of a repo that ``io.read_dir`` would read, chosen from the repo's listing before anything is
     downloaded: a model repo's gigabytes are never fetched by mistake, and a repo of several adapters is
     refused with their names at once."""
-    from .io import COMPONENT_DIRS, DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_SUFFIXES
-
     have = set(names)
 
     def peft(prefix: str) -> list[str]:

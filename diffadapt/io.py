@@ -23,13 +23,9 @@ from safetensors.torch import save_file
 
 from . import hub
 from .errors import DiffAdaptError, FormatError, PickleRefusedError, ShapeError, SourceError, WriteError
+from .layout import COMPONENT_DIRS, DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_SUFFIXES
 from .spec import RawAdapter
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-DIFFUSERS_WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
-COMPONENT_DIRS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(/.+)?$")
 
 Source = "str | os.PathLike | Mapping[str, torch.Tensor]"
