@@ -1,9 +1,11 @@
-"""Hub ids (``user/repo`` or ``user/repo/file.safetensors``) → a local path, through huggingface_hub's cache.
+"""Hub ids (``user/repo``, ``user/repo/file.safetensors``, ``user/repo/folder``) → a local path, through
+huggingface_hub's cache.
 
 huggingface_hub retries a failed metadata request five times with back-off (about 24 s) when a file is not
 cached, and its repo listing has no time limit. A load should not hang on a dead network, so the Hub is asked
-once, with huggingface_hub's own time limit (``HF_HUB_ETAG_TIMEOUT``): if it answers, the download proceeds as
-usual; if it does not, only the cache is used. ``HF_HUB_OFFLINE=1`` skips the network entirely.
+once, with huggingface_hub's own time limit (``HF_HUB_ETAG_TIMEOUT``): if it answers, its listing says which
+files to fetch (those a local folder would be read from) and the download proceeds as usual; if it does not,
+only the cache is used. ``HF_HUB_OFFLINE=1`` skips the network entirely.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def download(source: str, *, allow_pickle: bool) -> Path:
 
 
 def _cached_listing(repo_id: str) -> list[str] | None:
-    """The repo's file list as the last snapshot download cached it (huggingface_hub ≥ 1.x), else None."""
+    """The repo's file list as the last snapshot download cached it (recent huggingface_hub), else None."""
     try:
         from huggingface_hub import get_cached_repo_tree
         from huggingface_hub.errors import CachedRepoTreeNotFoundError
