@@ -77,7 +77,7 @@ def read(source: Any, *, allow_pickle: bool = False, max_numel: int | None = Non
     if is_dir:
         return read_dir(path, allow_pickle=allow_pickle, max_numel=max_numel)
     text = str(source)
-    local = Path(text.split("/", 1)[0]).is_dir()  # 'loras/ink.safetensors' beside a loras/ folder: a typo, not a hub id
+    local = Path(text.split("/", 1)[0]).is_dir()  # 'loras/x.safetensors' beside a loras/ folder: a typo, not an id
     if _HUB_ID.match(text) and not text.startswith((".", "/", "~")) and not local:
         raw = read_dir_or_file(hub.download(text, allow_pickle=allow_pickle), allow_pickle=allow_pickle,
                                max_numel=max_numel)

@@ -145,8 +145,8 @@ def use_hub(monkeypatch, tmp_path, *, endpoint: str, offline: bool = False, cach
         (repo / "refs").mkdir()
         (repo / "refs" / "main").write_text(COMMIT)
     template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    for name, value in {"ENDPOINT": endpoint, "HUGGINGFACE_CO_URL_TEMPLATE": template, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": offline,
-                        "HF_HUB_ETAG_TIMEOUT": 5}.items():
+    for name, value in {"ENDPOINT": endpoint, "HUGGINGFACE_CO_URL_TEMPLATE": template, "HF_HUB_CACHE": str(cache),
+                        "HF_HUB_OFFLINE": offline, "HF_HUB_ETAG_TIMEOUT": 5}.items():
         monkeypatch.setattr(huggingface_hub.constants, name, value)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
     return str(cache)
