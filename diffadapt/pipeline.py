@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 import warnings
 from collections import Counter, defaultdict
@@ -93,6 +94,31 @@ def _is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__ and isinstance(w, torch.Tensor) and w.dim() == 1
 
 
+class ParameterSite(nn.Module):
+    """A parameter that no module holds as its weight (Wan's adaLN ``scale_shift_table``), as a module whose
+    ``weight`` *is* that parameter, so full diffs write it in place like any weight. One per parameter, kept
+    by the module that owns it: every adapter on it shares one patch slot (one backup)."""
+
+    def __init__(self, param: nn.Parameter):
+        super().__init__()
+        self.weight = param
+
+
+def _parameter_site(root: nn.Module, name: str) -> ParameterSite | None:
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = root.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    param = owner._parameters.get(attr)
+    if param is None or attr in ("weight", "bias"):
+        return None  # a module's own weight or bias is adapted (or refused) through the module
+    sites = owner.__dict__.setdefault("_diffadapt_sites", {})
+    if sites.get(attr) is None or sites[attr].weight is not param:
+        sites[attr] = ParameterSite(param)
+    return sites[attr]
+
+
 def _is_t5(module: nn.Module | None) -> bool:
     return module is not None and type(module).__name__.startswith(("T5", "UMT5"))
 
@@ -102,7 +128,15 @@ def _place(patch: ModulePatch, comp: str, index: ModuleIndex, root: nn.Module, s
     names = [index.find(m, dotted=True) for m in patch.fused.modules] if patch.fused else \
         [index.find(patch.module_key, dotted=patch.dotted)]
     if any(n is None for n in names):
-        return None
+        site = _parameter_site(root, patch.module_key) if patch.dotted and patch.fused is None else None
+        if site is None:
+            return None
+        where = f"{source}: '{patch.original_key}' → {comp + '.' if comp else ''}{patch.module_key}"
+        if patch.method != "full":
+            raise ShapeError(f"{where}: a parameter {tuple(site.weight.shape)} outside any Linear/Conv/norm module "
+                             f"takes only a full diff, not {patch.method}")
+        patch.params.check(site.weight.shape, where=where)
+        return [Target(patch=patch, component=comp, module_name=patch.module_key, module=site, root=root)]
     modules = [unwrap(index.modules[n]) for n in names]
     label = f"{comp + '.' if comp else ''}"
     where = f"{source}: '{patch.original_key}' → {label}{names[0] if len(names) == 1 else names}"
@@ -187,6 +221,19 @@ def _family_label(family: str) -> str:
     return dit.FAMILY_NAMES.get(family, family)
 
 
+# Keys of a model variant the target lacks: said in the error, since "matches no module" alone reads like a bug.
+_VARIANTS = (
+    (re.compile(r"(^|[._])(k_img|v_img|norm_k_img|img_emb)([._]|$)"),
+     "Its image-branch keys (k_img, v_img, img_emb) are those of a Wan image-to-video model; this model has no "
+     "image branch"),
+    (re.compile(r"(^|[._])vace_"), "Its vace_ keys are those of a Wan VACE model; this model has no VACE blocks"),
+)
+
+
+def _variant_hint(keys: list[str]) -> str:
+    return "".join(f" {text}." for pattern, text in _VARIANTS if any(pattern.search(k) for k in keys))
+
+
 def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
     file_family, fam = guess_family(spec), model_family(target)
     other_family = not _same_family(file_family, fam)
@@ -216,7 +263,7 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
     if clashes:
         parts.append(f"{len(clashes)} match modules of another shape, e.g. {clashes[0]}")
     layout = f"{spec.layout} layout; " if spec.layout else ""
-    msg = f"{spec.source}: {layout}" + "; ".join(parts) + "." + (hint + "." if hint else "")
+    msg = f"{spec.source}: {layout}" + "; ".join(parts) + "." + (hint + "." if hint else "") + _variant_hint(keys)
     # the denoiser part of the file matching nothing is not "the rest": never load only the text encoders
     denoiser_lost = any(c in DENOISERS for c in missing) and not any(
         t.component in DENOISERS for t in found) and not isinstance(target, nn.Module)

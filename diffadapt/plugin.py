@@ -2,34 +2,43 @@
 
 After ``da.plugin(pipe)``, existing diffusers code — ``pipe.load_lora_weights(…)``, ``set_adapters``,
 ``fuse_lora``, ``unfuse_lora``, ``unload_lora_weights``, ``delete_adapters``, ``get_active_adapters``,
-``get_list_adapters``, ``enable_lora`` / ``disable_lora``, ``enable_lora_hotswap`` — takes LoHa, LoKr, OFT,
-full, DoRA and Tucker files in kohya, LyCORIS, PEFT and diffusers layouts, state dicts, folders and hub ids.
-The methods are bound on the instance only (``pipe.__dict__``); diffusers' classes are never touched, and
-``da.unplug(pipe)`` puts the class methods back.
+``get_list_adapters``, ``enable_lora`` / ``disable_lora``, ``enable_lora_hotswap``, ``set_lora_device``, the
+per-call ``pipe(…, cross_attention_kwargs={"scale": s})`` (``plugin_call.py``) and the denoiser's own
+``pipe.unet.set_adapters`` & co. (``plugin_models.py``) — takes LoHa, LoKr, OFT, full, DoRA and Tucker files
+in kohya, LyCORIS, PEFT and diffusers layouts, state dicts, folders and hub ids. Methods are bound on the
+instances only (``pipe.__dict__``, the denoiser's ``__dict__``; ``pipe(…)`` needs a same-named subclass of
+the pipeline's class for this one instance); diffusers' classes are never touched, and ``da.unplug(pipe)``
+undoes it all.
 
 Mapping onto diffadapt. Every adapter is loaded in patch mode (any method, any mix, zero cost per step,
-exact restore). diffusers' state is kept here, per adapter and component — the ``set_adapters`` weight,
-the ``fuse_lora(lora_scale=)`` multiplier still in force, and the weight frozen by a fuse — plus the
-active list and the global enable flag; each call turns that state into diffadapt weights and rewrites only
-the adapters whose weight changed. So the semantics are diffusers', including its less obvious ones:
+exact restore). diffusers' state is kept here (``plugin_state.py``), per adapter and component — the
+``set_adapters`` weight, the ``fuse_lora(lora_scale=)`` multiplier still in force, the weight frozen by a
+fuse — plus the active list (per component once a component-level call set it), the disabled components and
+the per-call scale; each call turns that state into diffadapt weights and rewrites only the adapters whose
+weight changed. So the semantics are diffusers', including its less obvious ones:
 
 * a load makes the new adapter the only active one; names default to ``default_<n>``;
 * ``set_adapters(names, weights)`` activates exactly ``names``; a weight is a number, a per-component dict
   (missing components: 1.0) or, for a UNet, diffusers' per-block dict, expanded by diffusers' own
   ``_maybe_expand_lora_scales`` and resolved per module by diffusers' rule;
-* ``fuse_lora(components, lora_scale, adapter_names)`` multiplies the active adapters' scale by
+* ``fuse_lora(components, lora_scale, adapter_names)`` multiplies each component's active adapters' scale by
   ``lora_scale`` (this stays after ``unfuse_lora``, as in diffusers, until ``set_adapters``) and freezes
-  the fused adapters' contribution: later ``set_adapters`` calls do not move fused weights;
+  the fused adapters' contribution: later ``set_adapters`` calls and per-call scales do not move it;
 * a layer holding a fused adapter runs no unfused one (peft's merged layers run their base layer only);
 * ``unfuse_lora(components)`` returns those components to the unfused state (current weights);
 * ``unload_lora_weights()`` removes every adapter; contributions still fused stay in the weights (the
-  documented fuse → unload → ``save_pretrained`` workflow); anything unfused comes back bit-exactly.
+  documented fuse → unload → ``save_pretrained`` workflow); anything unfused comes back bit-exactly;
+* ``get_active_adapters()`` answers as diffusers does: the active list of the last LoRA component with adapters.
 
 Where diffusers' peft layers would leave a residue (``unfuse_lora`` after a ``set_adapters`` while fused
-subtracts the new scale), the plugin restores exactly. A fused adapter removed by ``delete_adapters`` leaves
-nothing behind. A per-call ``cross_attention_kwargs={"scale": s}`` is not applied: patched weights have no
-layer to scale at run time — use ``set_adapters`` weights. ``set_lora_device`` stays diffusers' own (a no-op:
-there are no adapter layers to move). Component-level methods (``pipe.unet.set_adapters``) are not plugged.
+subtracts the new scale; a call with ``scale=0`` resets every active weight to 1) the plugin restores
+exactly. A fused adapter removed by ``delete_adapters`` leaves nothing behind. Unknown adapter names raise
+``AdapterNotFoundError`` where diffusers' model-level methods would silently activate or skip them.
+Not covered: a scale passed to the denoiser called directly (``pipe.unet(…, cross_attention_kwargs=…)``
+outside ``pipe(…)``), the text encoders' own transformers adapter methods, and model-level ``fuse_lora`` /
+``load_lora_adapter`` (diffusers' own: they see no peft layers). On a plugged pipeline the diffusers calls own
+the weights: one set with ``da.set_weights`` is replaced by the plugin's state at its next rewrite (a
+``set_adapters``, or a call with a scale).
 """
 
 from __future__ import annotations
@@ -38,17 +47,19 @@ import inspect
 import logging
 import os
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import plugin_call, plugin_models
 from .api import load as _load, unload as _unload
-from .errors import AdapterNotFoundError, ComponentError, DiffAdaptError, NameInUseError, UnsupportedError
+from .errors import AdapterNotFoundError, ComponentError, NameInUseError, UnsupportedError
 from .hotswap import hotswap as _hotswap
 from .mixing import set_weights as _set_weights
-from .pipeline import Loaded, components, registry
+from .pipeline import components, registry
+from .plugin_state import MERGED, MISSING, STATE, Adapter, State, apply, comps_of, component_weight, get_state, \
+    loadable, on_component, sync, times
 from .weights import WeightError
 
 logger = logging.getLogger(__name__)
@@ -56,34 +67,11 @@ logger = logging.getLogger(__name__)
 METHODS = (
     "load_lora_weights", "set_adapters", "fuse_lora", "unfuse_lora", "unload_lora_weights", "delete_adapters",
     "get_active_adapters", "get_list_adapters", "enable_lora", "disable_lora", "enable_lora_hotswap",
+    "set_lora_device",
 )
-_STATE = "_diffadapt_plugin"
-_MERGED = "_merged_adapters"  # read by diffusers' ``fused_loras`` / ``num_fused_loras`` properties
-_MISSING = object()
 # lora_state_dict's download options: huggingface_hub's defaults (cache, login token) serve them
 _IGNORED = {"cache_dir", "force_download", "proxies", "local_files_only", "token", "use_safetensors",
             "low_cpu_mem_usage", "unet_config", "return_lora_metadata", "metadata", "network_alphas", "prefix"}
-
-
-@dataclass
-class _Adapter:
-    """diffusers' view of one adapter: per component, its weight, scale multiplier and frozen fused weight."""
-
-    weight: dict[str, Any] = field(default_factory=dict)  # component -> number | {"modules": …}
-    scale: dict[str, float] = field(default_factory=dict)  # fuse_lora(lora_scale=) multipliers in force
-    fused: dict[str, Any] = field(default_factory=dict)  # component -> weight frozen by fuse_lora
-
-
-@dataclass
-class _State:
-    adapters: dict[str, _Adapter] = field(default_factory=dict)
-    active: list[str] = field(default_factory=list)
-    enabled: bool = True
-    saved: dict[str, Any] = field(default_factory=dict)  # instance attributes the plugin replaced
-    baked: set[str] = field(default_factory=set)  # fused, then unloaded: in the weights for good
-
-    def fused_names(self) -> set[str]:
-        return self.baked | {n for n, a in self.adapters.items() if a.fused}
 
 
 # -- install -----------------------------------------------------------------------------------------
@@ -93,156 +81,34 @@ def plugin(pipe: Any) -> Any:
     """Make ``pipe``'s diffusers LoRA methods load every format diffadapt reads; returns ``pipe``."""
     if not isinstance(getattr(pipe, "components", None), dict):
         raise TypeError(f"da.plugin expects a diffusers pipeline, got {type(pipe).__name__}")
-    if _STATE in pipe.__dict__:
+    if STATE in pipe.__dict__:
         return pipe
-    state = _State()
-    for name in METHODS + (_MERGED,):
-        state.saved[name] = pipe.__dict__.get(name, _MISSING)
+    state = State()
+    for name in METHODS + (MERGED,):
+        state.saved[name] = pipe.__dict__.get(name, MISSING)
     for name in METHODS:
         pipe.__dict__[name] = types.MethodType(globals()[f"_{name}"], pipe)
-    pipe.__dict__[_MERGED] = set()
-    pipe.__dict__[_STATE] = state
-    _sync(pipe, state)
+    pipe.__dict__[MERGED] = set()
+    pipe.__dict__[STATE] = state
+    plugin_models.install(pipe, state, loadable(pipe))
+    plugin_call.install(pipe)
+    sync(pipe, state)
     return pipe
 
 
 def unplug(pipe: Any) -> Any:
     """Put diffusers' own methods back; loaded adapters stay as they are (``da.adapters`` lists them)."""
-    state = pipe.__dict__.pop(_STATE, None)
+    state = pipe.__dict__.pop(STATE, None)
     if state is None:
         return pipe
+    plugin_call.uninstall(pipe)
+    plugin_models.uninstall(state)
     for name, value in state.saved.items():
-        if value is _MISSING:
+        if value is MISSING:
             pipe.__dict__.pop(name, None)
         else:
             pipe.__dict__[name] = value
     return pipe
-
-
-def _state(pipe: Any) -> _State:
-    state = pipe.__dict__.get(_STATE)
-    if state is None:
-        raise DiffAdaptError("this pipeline is not plugged in; call da.plugin(pipe) first")
-    return _sync(pipe, state)
-
-
-def _sync(pipe: Any, state: _State) -> _State:
-    """Follow loads and unloads made with ``da.load`` / ``da.unload`` on the same pipeline."""
-    loaded = registry(pipe).adapters
-    for name in [n for n in state.adapters if n not in loaded]:
-        del state.adapters[name]
-    state.active = [n for n in state.active if n in loaded]
-    for name, item in loaded.items():
-        if name not in state.adapters:
-            w = item.weight
-            state.adapters[name] = _Adapter(weight={c: w.get(c, w.get("default", 1.0)) if isinstance(w, dict) else w
-                                                    for c in _comps(item)})
-            if item.enabled:
-                state.active.append(name)
-    pipe.__dict__[_MERGED] = state.fused_names()
-    return state
-
-
-# -- weights -----------------------------------------------------------------------------------------
-
-
-def _comps(loaded: Loaded) -> list[str]:
-    return list(dict.fromkeys(t.component for t in loaded.targets))
-
-
-def _times(value: Any, s: float) -> Any:
-    if isinstance(value, dict):
-        return {k: _times(v, s) for k, v in value.items()}
-    if isinstance(value, list):
-        return [x * s for x in value]
-    return float(value) * s
-
-
-def _merged_modules(state: _State, loaded: dict[str, Loaded]) -> dict[str, set[str]]:
-    """{component: modules holding a fused adapter} — peft's merged layers."""
-    out: dict[str, set[str]] = {}
-    for name, a in state.adapters.items():
-        for t in loaded[name].targets if name in loaded else ():
-            if t.component in a.fused:
-                out.setdefault(t.component, set()).add(t.module_name)
-    return out
-
-
-def _without(value: Any, modules: list[str]) -> Any:
-    """``value`` with weight 0 on ``modules``."""
-    if not modules:
-        return value
-    if isinstance(value, dict):
-        return {**value, "modules": {**value.get("modules", {}), **dict.fromkeys(modules, 0.0)}}
-    return {"modules": dict.fromkeys(modules, 0.0), "default": value}
-
-
-def _effective(state: _State, name: str, loaded: Loaded, merged: dict[str, set[str]]) -> dict[str, Any]:
-    """The diffadapt weight that reproduces diffusers' state for one adapter, per component.
-
-    A layer that holds a fused adapter runs no unfused one: peft's merged layers call their base layer only.
-    """
-    a = state.adapters[name]
-    out = {}
-    for comp in _comps(loaded):
-        if not state.enabled:
-            out[comp] = 0.0
-        elif comp in a.fused:
-            out[comp] = a.fused[comp]
-        elif name in state.active:
-            value = _times(a.weight.get(comp, 1.0), a.scale.get(comp, 1.0))
-            blocked = [t.module_name for t in loaded.targets
-                       if t.component == comp and t.module_name in merged.get(comp, ())]
-            out[comp] = _without(value, blocked)
-        else:
-            out[comp] = 0.0
-    return out
-
-
-def _apply(pipe: Any, state: _State) -> None:
-    """Rewrite the adapters whose diffadapt weight differs from what the state asks for."""
-    loaded = registry(pipe).adapters
-    merged = _merged_modules(state, loaded)
-    changed = {}
-    for name, item in loaded.items():
-        want = _effective(state, name, item, merged)
-        if want != item.weight:
-            changed[name] = want
-    if changed:
-        _set_weights(pipe, changed)
-    pipe.__dict__[_MERGED] = state.fused_names()
-
-
-def _module_weight(expanded: dict[str, Any], module: str) -> float:
-    """diffusers' rule (``set_weights_and_activate_adapters``): the first layer key inside the module path,
-    else the attention block of the same index; modules outside blocks take 1.0."""
-    for layer, w in expanded.items():
-        if layer in module:
-            return w
-    parts = module.split(".")
-    if len(parts) < 4:
-        return 1.0
-    return expanded.get(f"{parts[0]}.{parts[1]}.attentions.{parts[3]}", 1.0)
-
-
-def _component_weight(pipe: Any, loaded: Loaded, comp: str, value: Any) -> Any:
-    if value is None:
-        return 1.0
-    if not isinstance(value, dict):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise WeightError(f"weight of '{loaded.name}' for {comp}: expected a number or a dict, got {value!r}")
-        return float(value)
-    from diffusers.loaders.peft import _SET_ADAPTER_SCALE_FN_MAPPING
-
-    model = components(pipe)[comp]
-    try:
-        expanded = _SET_ADAPTER_SCALE_FN_MAPPING[type(model).__name__](model, [value])[0]
-    except ValueError as e:
-        raise WeightError(f"weight of '{loaded.name}' for {comp}: {e}") from None
-    if not isinstance(expanded, dict):
-        return float(expanded)
-    names = [t.module_name for t in loaded.targets if t.component == comp]
-    return {"modules": {m: float(_module_weight(expanded, m)) for m in names}}
 
 
 # -- the diffusers methods -----------------------------------------------------------------------------
@@ -279,7 +145,7 @@ def _load_lora_weights(self, pretrained_model_name_or_path_or_dict: Any, adapter
     allow_pickle = bool(kwargs.pop("allow_pickle", False))
     source = _source(pretrained_model_name_or_path_or_dict, kwargs)
     with registry(self).lock:
-        state = _state(self)
+        state = get_state(self)
         if hotswap:
             if adapter_name not in registry(self).adapters:
                 raise AdapterNotFoundError(
@@ -291,23 +157,23 @@ def _load_lora_weights(self, pretrained_model_name_or_path_or_dict: Any, adapter
             raise NameInUseError(f"Adapter name {adapter_name} already in use in the pipeline - please select a "
                                  "new adapter name.")
         name = adapter_name or _default_name(self)
-        before = state.active
-        state.active = [name]  # diffusers activates the adapter it just loaded, and only it
-        state.adapters[name] = _Adapter()
+        before = state.active, dict(state.component_active)
+        state.set_active([name])  # diffusers activates the adapter it just loaded, and only it
+        state.adapters[name] = Adapter()
         try:
             info = _load(self, source, name, mode="patch", allow_pickle=allow_pickle)
         except BaseException:  # nothing was written: put the state back
             state.adapters.pop(name, None)
-            state.active = before
+            state.active, state.component_active = before
             raise
         state.adapters[name].weight = {c: 1.0 for c in info.components}
-        _apply(self, state)
+        apply(self, state)
 
 
 def _set_adapters(self, adapter_names: list[str] | str, adapter_weights: Any = None) -> None:
     """Activate exactly ``adapter_names`` with ``adapter_weights`` (number, per-component or per-block dict)."""
     with registry(self).lock:
-        state = _state(self)
+        state = get_state(self)
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
         if len(names) != len(weights):
@@ -318,10 +184,10 @@ def _set_adapters(self, adapter_names: list[str] | str, adapter_weights: Any = N
         if missing:
             raise AdapterNotFoundError(f"Adapter name(s) {missing} not in the list of present adapters: "
                                        f"{sorted(loaded)}.")
-        lora_comps = set(_loadable(self))
+        lora_comps = set(loadable(self))
         new = {}
         for name, weight in zip(names, weights):
-            comps = _comps(loaded[name])
+            comps = comps_of(loaded[name])
             if isinstance(weight, dict):
                 unknown = sorted(set(weight) - lora_comps)
                 if unknown:
@@ -330,19 +196,14 @@ def _set_adapters(self, adapter_names: list[str] | str, adapter_weights: Any = N
                 extra = sorted(set(weight) & lora_comps - set(comps))
                 if extra:
                     logger.warning("adapter '%s' has no weights for %s; those entries are ignored", name, extra)
-                per = {c: _component_weight(self, loaded[name], c, weight.get(c)) for c in comps}
+                per = {c: component_weight(self, loaded[name], c, weight.get(c)) for c in comps}
             else:
-                per = {c: _component_weight(self, loaded[name], c, weight) for c in comps}
+                per = {c: component_weight(self, loaded[name], c, weight) for c in comps}
             new[name] = per
         for name, per in new.items():
             state.adapters[name].weight, state.adapters[name].scale = per, {}
-        state.active = list(dict.fromkeys(names))
-        _apply(self, state)
-
-
-def _loadable(pipe: Any) -> list[str]:
-    comps = getattr(type(pipe), "_lora_loadable_modules", None)
-    return list(comps) if comps else list(components(pipe))
+        state.set_active(names)
+        apply(self, state)
 
 
 def _default_components(pipe: Any, method: str) -> list[str]:
@@ -354,72 +215,73 @@ def _default_components(pipe: Any, method: str) -> list[str]:
         default = inspect.Parameter.empty
     if isinstance(default, (list, tuple)) and default:
         return list(default)
-    return _loadable(pipe)
+    return loadable(pipe)
 
 
 def _check_components(pipe: Any, comps: Any) -> list[str]:
     comps = [comps] if isinstance(comps, str) else list(comps or [])
     if not comps:
         raise ComponentError("`components` cannot be an empty list.")
-    loadable = _loadable(pipe)
-    bad = [c for c in comps if c not in loadable]
+    lora = loadable(pipe)
+    bad = [c for c in comps if c not in lora]
     if bad:
-        raise ComponentError(f"{bad} not found in the pipeline's LoRA components {loadable}")
+        raise ComponentError(f"{bad} not found in the pipeline's LoRA components {lora}")
     return [c for c in comps if getattr(pipe, c, None) is not None]
 
 
-def _fuse_lora(self, components: list[str] | None = _MISSING, lora_scale: float = 1.0,  # type: ignore[assignment]
+def _fuse_lora(self, components: list[str] | None = MISSING, lora_scale: float = 1.0,  # type: ignore[assignment]
                safe_fusing: bool = False, adapter_names: list[str] | None = None, **kwargs: Any) -> None:
     """Fuse ``adapter_names`` (default: the active ones) into ``components`` at their current weight × ``lora_scale``.
 
     ``safe_fusing`` is accepted: diffadapt refuses non-finite tensors when it loads a file.
     """
     with registry(self).lock:
-        state = _state(self)
-        comps = _check_components(self, _default_components(self, "fuse_lora") if components is _MISSING
+        state = get_state(self)
+        comps = _check_components(self, _default_components(self, "fuse_lora") if components is MISSING
                                   else components)
-        names = state.active if adapter_names is None else (
+        given = None if adapter_names is None else (
             [adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
-        missing = [n for n in names if n not in state.adapters]
+        missing = [n for n in given or () if n not in state.adapters]
         if missing:
             raise AdapterNotFoundError(f"no adapter named {missing} is loaded (loaded: {sorted(state.adapters)})")
         if isinstance(lora_scale, bool) or not isinstance(lora_scale, (int, float)):
             raise WeightError(f"lora_scale: expected a number, got {lora_scale!r}")
         loaded = registry(self).adapters
-        for comp in comps:
+        for comp in comps:  # each component merges its own active adapters unless names are given
+            names = state.active_on(comp) if given is None else given
             if lora_scale != 1.0:  # diffusers scales the active adapters' layers first (scale_layer)
-                for n in state.active:
-                    if comp in _comps(loaded[n]):
+                for n in state.active_on(comp):
+                    if comp in comps_of(loaded[n]):
                         a = state.adapters[n]
                         a.scale[comp] = a.scale.get(comp, 1.0) * float(lora_scale)
             for n in names:
                 a = state.adapters[n]
-                if comp in _comps(loaded[n]) and comp not in a.fused:
-                    a.fused[comp] = _times(a.weight.get(comp, 1.0), a.scale.get(comp, 1.0))
-        _apply(self, state)
+                if comp in comps_of(loaded[n]) and comp not in a.fused:
+                    a.fused[comp] = times(a.weight.get(comp, 1.0), a.scale.get(comp, 1.0))
+        apply(self, state)
 
 
-def _unfuse_lora(self, components: list[str] | None = _MISSING, **kwargs: Any) -> None:  # type: ignore[assignment]
+def _unfuse_lora(self, components: list[str] | None = MISSING, **kwargs: Any) -> None:  # type: ignore[assignment]
     """Return ``components`` to the unfused state: every adapter at its current weight, as set."""
     with registry(self).lock:
-        state = _state(self)
-        comps = _check_components(self, _default_components(self, "unfuse_lora") if components is _MISSING
+        state = get_state(self)
+        comps = _check_components(self, _default_components(self, "unfuse_lora") if components is MISSING
                                   else components)
         for a in state.adapters.values():
             for comp in comps:
                 a.fused.pop(comp, None)
         state.baked.clear()
-        _apply(self, state)
+        apply(self, state)
 
 
 def _unload_lora_weights(self, *args: Any, **kwargs: Any) -> None:
     """Remove every adapter; fused contributions stay in the weights, the rest comes back bit-exactly."""
     with registry(self).lock:
-        state = _state(self)
+        state = get_state(self)
         loaded = registry(self).adapters
         baked: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
         if any(a.fused for a in state.adapters.values()):
-            only_fused = {n: {c: state.adapters[n].fused.get(c, 0.0) for c in _comps(item)}
+            only_fused = {n: {c: state.adapters[n].fused.get(c, 0.0) for c in comps_of(item)}
                           for n, item in loaded.items()}
             _set_weights(self, only_fused)
             modules = {id(t.module): t.module for n, item in loaded.items() for t in item.targets
@@ -431,37 +293,46 @@ def _unload_lora_weights(self, *args: Any, **kwargs: Any) -> None:
                 p.copy_(value)
         state.baked = state.fused_names()  # diffusers still lists them: they are in the weights
         state.adapters.clear()
-        state.active, state.enabled = [], True  # diffusers' enable flags go with its layers
-        self.__dict__[_MERGED] = set(state.baked)
+        state.set_active([])
+        state.disabled.clear()  # diffusers' enable flags go with its layers
+        self.__dict__[MERGED] = set(state.baked)
 
 
 def _delete_adapters(self, adapter_names: list[str] | str) -> None:
     """Unload ``adapter_names`` (their fused part too); if the active ones all go, the first left becomes active."""
     with registry(self).lock:
-        state = _state(self)
+        state = get_state(self)
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         missing = [n for n in names if n not in state.adapters]
         if missing:
             raise AdapterNotFoundError(f"no adapter named {missing} is loaded (loaded: {sorted(state.adapters)})")
+        loaded = registry(self).adapters
+        left = {c: [n for n in on_component(state, loaded, c) if n not in names] for c in components(self)}
+        per_comp = {c: plugin_models.after_delete(state.active_on(c), names, left[c])
+                    for c in components(self) if on_component(state, loaded, c)}
         was_active = any(n in state.active for n in names)
         _unload(self, *names)
-        _sync(self, state)
+        sync(self, state)
         if was_active and not state.active and state.adapters:
             state.active = [next(iter(state.adapters))]
-        _apply(self, state)
+        state.component_active = {c: a for c, a in per_comp.items() if a != state.active}
+        apply(self, state)
 
 
 def _get_active_adapters(self) -> list[str]:
-    return list(_state(self).active)
+    """diffusers' answer: the active adapters of the last LoRA component that holds adapter layers."""
+    state = get_state(self)
+    loaded = registry(self).adapters
+    holding = [c for c in loadable(self) if on_component(state, loaded, c)]
+    return list(state.active_on(holding[-1]) if holding else state.active)
 
 
 def _get_list_adapters(self) -> dict[str, list[str]]:
     """{component: adapter names on it}, components in the pipeline's LoRA order."""
-    _state(self)
     out: dict[str, list[str]] = {}
     loaded = registry(self).adapters
-    for comp in _loadable(self) + [c for c in components(self) if c not in _loadable(self)]:
-        names = [n for n, item in loaded.items() if comp in _comps(item)]
+    for comp in loadable(self) + [c for c in components(self) if c not in loadable(self)]:
+        names = on_component(get_state(self), loaded, comp)
         if names:
             out[comp] = names
     return out
@@ -469,18 +340,36 @@ def _get_list_adapters(self) -> dict[str, list[str]]:
 
 def _enable_lora(self) -> None:
     with registry(self).lock:
-        state = _state(self)
-        state.enabled = True
-        _apply(self, state)
+        state = get_state(self)
+        state.disabled.clear()
+        apply(self, state)
 
 
 def _disable_lora(self) -> None:
     with registry(self).lock:
-        state = _state(self)
-        state.enabled = False
-        _apply(self, state)
+        state = get_state(self)
+        state.disabled = set(components(self))
+        apply(self, state)
 
 
 def _enable_lora_hotswap(self, **kwargs: Any) -> None:
     """Nothing to prepare: a patch-mode hotswap rewrites weights in place, so it never recompiles."""
-    _state(self)
+    get_state(self)
+
+
+def _set_lora_device(self, adapter_names: list[str], device: Any) -> None:
+    """Nothing to move: a patch-mode adapter lives in the component's weights, on the component's device.
+
+    diffusers moves peft's separate ``lora_A`` / ``lora_B`` layers (and the adapter cannot run until moved back);
+    here the contribution is already written into the weights, and the factors kept for exact rewrites stay
+    next to the weights they rewrite. The names and the device are checked, so a typo still fails loudly; to
+    free the memory an adapter holds, ``delete_adapters`` it.
+    """
+    state = get_state(self)
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    missing = [n for n in names if n not in state.adapters]
+    if missing:
+        raise AdapterNotFoundError(f"no adapter named {missing} is loaded (loaded: {sorted(state.adapters)})")
+    torch.device(device)  # diffusers' accepted forms: a torch.device, a str or an int
+    logger.info("set_lora_device(%s, %s): adapters loaded by diffadapt live in the weights; nothing to move",
+                names, device)

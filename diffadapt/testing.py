@@ -40,6 +40,7 @@ from diffusers import (
     FluxTransformer2DModel,
     QwenImagePipeline,
     QwenImageTransformer2DModel,
+    WanImageToVideoPipeline,
     WanPipeline,
     WanTransformer3DModel,
     SD3Transformer2DModel,
@@ -55,7 +56,10 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    CLIPImageProcessorPil,
     CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
     T5Config,
     T5EncoderModel,
     T5TokenizerFast,
@@ -69,6 +73,7 @@ __all__ = [
     "tiny_dit_pipeline",
     "tiny_flux_pipeline",
     "tiny_wan_pipeline",
+    "tiny_wan_i2v_pipeline",
     "tiny_qwen_image_pipeline",
     "sd15_unet",
     "sd15_text_encoder",
@@ -323,6 +328,35 @@ def tiny_wan_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, devi
                                                 temperal_downsample=[False, True, True]))
     return _finish(WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0)))
+
+
+def tiny_wan_i2v_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32,
+                          device="cpu") -> WanImageToVideoPipeline:
+    """Wan-2.1-I2V-shaped image-to-video pipeline: :func:`tiny_wan_pipeline`'s sizes plus a CLIP vision encoder
+    (width 16) whose features feed the image embedder (``img_emb``) and each block's image cross-attention
+    (``cross_attn.k_img`` / ``v_img`` / ``norm_k_img`` → ``attn2.add_k_proj`` / ``add_v_proj`` / ``norm_added_k``).
+    The transformer takes the noise, the encoded first frame and its 4-channel mask: 36 input channels.
+
+    Pass ``image=`` (a PIL image), ``height=16, width=16, num_frames=5`` to generate; text embeddings passed as
+    ``prompt_embeds`` need 512 tokens (diffusers' Wan attention splits image from text context at 512).
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+
+    transformer = build("transformer", lambda: WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32, image_dim=16, added_kv_proj_dim=24,
+    ))
+    text_encoder = build("text_encoder", lambda: T5EncoderModel(_t5_config(d_model=32)))
+    image_encoder = build("image_encoder", lambda: CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=16)))
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    vae = build("vae", lambda: AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                                temperal_downsample=[False, True, True]))
+    return _finish(WanImageToVideoPipeline(
+        tokenizer=_t5_tokenizer(), text_encoder=text_encoder, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=5.0), image_processor=processor, image_encoder=image_encoder, transformer=transformer))
 
 
 _QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -17,6 +17,7 @@ PREFIX = {  # layout → (key of a native module path, suffix pair of down/up)
     "kohya": (lambda n: "lora_unet_" + n.replace(".", "_"), ("lora_down.weight", "lora_up.weight")),
     "bfl": (lambda n: "diffusion_model." + n, ("lora_down.weight", "lora_up.weight")),
     "bfl_ab": (lambda n: "diffusion_model." + n, ("lora_A.weight", "lora_B.weight")),
+    "ldm": (lambda n: "model.diffusion_model." + n, ("lora_down.weight", "lora_up.weight")),  # checkpoint keys
     "xlabs": (lambda n: n, ("down.weight", "up.weight")),
 }
 

@@ -231,3 +231,35 @@ def test_sd35_medium_dual_attention_and_qk_norms():
     assert all(torch.equal(ours[k], base[k]) for k in base if k not in ref)
     da.unload(model)
     assert param_hashes(model) == before
+    check_norm_diffs(model, "joint_blocks.{i}.", {
+        "x_block.attn.ln_q": "attn.norm_q", "x_block.attn.ln_k": "attn.norm_k", "x_block.attn2.ln_q": "attn2.norm_q",
+        "x_block.attn2.ln_k": "attn2.norm_k", "context_block.attn.ln_q": "attn.norm_added_q",
+        "context_block.attn.ln_k": "attn.norm_added_k"}, "transformer_blocks.{i}.", blocks=1)
+
+
+def check_norm_diffs(model, native_block, names, block, *, blocks=2, prefix="diffusion_model."):
+    """ComfyUI-format 'diff' on q/k norm scales (the single-file converters' mapping): W + diff, unload exact."""
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(4)
+    sd, want = {}, {}
+    for i in map(str, range(blocks)):
+        for native, name in names.items():
+            w = params[f"{block}{name}.weight".replace("{i}", i)]
+            sd[f"{prefix}{native_block}{native}.diff".replace("{i}", i)] = d = torch.randn(w.shape, generator=g)
+            want[f"{block}{name}.weight".replace("{i}", i)] = w.detach() + d
+    before = param_hashes(model)
+    info = da.load(model, sd, name="n")
+    assert info.methods == {"full": len(want)}
+    assert {k for k, h in param_hashes(model).items() if h != before[k]} == set(want)
+    assert max((params[k] - v).abs().max().item() for k, v in want.items()) <= 1e-6
+    da.unload(model, "n")
+    assert param_hashes(model) == before
+
+
+def test_flux_qk_norm_diffs(flux):
+    check_norm_diffs(copy.deepcopy(flux.transformer), "double_blocks.{i}.", {
+        "img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+        "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k"},
+        "transformer_blocks.{i}.")
+    check_norm_diffs(copy.deepcopy(flux.transformer), "single_blocks.{i}.", {
+        "norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k"}, "single_transformer_blocks.{i}.")

@@ -72,7 +72,8 @@ def load_unload(pipe, sd, ref, *, mode):
     return info
 
 
-LAYOUTS = {"kohya": "Flux kohya", "bfl": "Flux ComfyUI/BFL", "bfl_ab": "Flux ComfyUI/BFL", "xlabs": "Flux XLabs"}
+LAYOUTS = {"kohya": "Flux kohya", "bfl": "Flux ComfyUI/BFL", "bfl_ab": "Flux ComfyUI/BFL", "ldm": "Flux ComfyUI/BFL",
+           "xlabs": "Flux XLabs"}
 
 
 @pytest.mark.parametrize("mode", ["patch", "inject"])
@@ -91,8 +92,10 @@ def test_flux_lora_layouts_whole_matrix(flux, layout, mode):
 @pytest.mark.parametrize("layout", ["kohya", "bfl", "xlabs"])
 def test_flux_double_blocks_match_diffusers(flux, layout):
     """diffusers reads double blocks in these layouts (its single-block split is hard-wired to Flux-dev's width,
-    and it drops the top-level modules), so the comparison is on the double blocks."""
-    sd = lora_file(flux.transformer, "flux", layout, alpha=None if layout == "xlabs" else 3.0, only=r"^double_blocks")
+    and it drops the top-level modules), so the comparison is on the double blocks — and XLabs' single-block
+    proj_lora, a LoRA on linear2 (proj_out), which diffusers does not split."""
+    only = r"^double_blocks|^single_blocks.*proj_lora" if layout == "xlabs" else r"^double_blocks"
+    sd = lora_file(flux.transformer, "flux", layout, alpha=None if layout == "xlabs" else 3.0, only=only)
     ref = fresh(flux)
     ref.load_lora_weights({k: v.clone() for k, v in sd.items()})  # diffusers scales some tensors in place
     ref.fuse_lora()
@@ -100,7 +103,8 @@ def test_flux_double_blocks_match_diffusers(flux, layout):
     pipe = fresh(flux)
     base = effective_weights(pipe.transformer)
     changed = {k for k in theirs if not torch.equal(theirs[k], base[k])}
-    assert len(changed) == (28 if layout != "xlabs" else 16)  # 2 blocks × (qkv split in 3, ×2 streams …)
+    assert len(changed) == (28 if layout != "xlabs" else 18)  # 2 blocks × (qkv split in 3, ×2 streams …)
+    assert layout != "xlabs" or {"single_transformer_blocks.0.proj_out", "single_transformer_blocks.1.proj_out"} <= changed
     load_unload(pipe, sd, {k: theirs[k] for k in changed}, mode="patch")
 
 
@@ -205,3 +209,31 @@ def test_peft_only_methods_split_rows_like_peft(kind):
         part = TAKE_ROWS[type(params)](params, rows, w.shape, where="x")
         got = torch.nn.functional.linear(x, part.apply(w[rows].float(), 1.0))
         assert (got - want[:, start:stop]).abs().max() <= TOL
+
+
+def _lora(rows=4, cols=4):
+    return {"lora_down.weight": torch.ones(2, cols), "lora_up.weight": torch.ones(rows, 2)}
+
+
+@pytest.mark.parametrize("modules, layout", [
+    (["diffusion_model.blocks.0.self_attn.q"], "Wan ComfyUI"),
+    (["lora_unet_blocks_0_cross_attn_k_img"], "Wan musubi-tuner"),
+    (["blocks.0.self_attn.q", "blocks.0.ffn.0"], "Wan native"),  # dotted native names without a prefix
+    (["double_blocks.0.img_attn.proj"], "Flux native"),
+    (["joint_blocks.0.x_block.attn.proj"], "SD3 native"),
+    (["double_blocks_0_img_attn_proj"], "Flux kohya"),  # flat names without a prefix
+    (["lycoris_double_blocks_0_img_attn_proj"], "Flux LyCORIS"),
+    (["transformer.transformer_blocks.0.img_mlp.net.2"], "Qwen-Image diffusers"),
+    (["transformer_blocks.0.img_mod.1"], "Qwen-Image diffusers"),  # Qwen-Image's own names are diffusers'
+])
+def test_layout_names(modules, layout):
+    sd = {f"{m}.{s}": t for m in modules for s, t in _lora().items()}
+    assert da.inspect(sd).layout == layout
+
+
+def test_layout_names_lycoris_methods():
+    hada = {f"hada_w{i}_{ab}": torch.ones(4, 2) if ab == "a" else torch.ones(2, 4) for i in (1, 2) for ab in "ab"}
+    sd = {f"diffusion_model.double_blocks.0.img_attn.proj.{s}": t for s, t in hada.items()}
+    assert da.inspect(sd).layout == "Flux ComfyUI/BFL (LyCORIS)"
+    sd = {f"diffusion_model.blocks.0.self_attn.q.{s}": t for s, t in hada.items()}
+    assert da.inspect(sd).layout == "Wan ComfyUI (LyCORIS)"

@@ -4,12 +4,15 @@ against diffusers' own loader on identical tiny pipelines, patch and inject; unl
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import diffadapt as da
 from diffadapt.testing import param_hashes
+from diffusers import WanVACETransformer3DModel
+
 from dit_files import effective_weights, lora_file, reference_weights
 from test_dit_layouts import load_unload, lora_deltas
 
@@ -135,3 +138,28 @@ def test_wan_comfyui_norm_and_bias_diffs(wan):
     assert changed == {f"transformer.{k}" for k in want}
     da.unload(pipe)
     assert param_hashes(pipe) == before
+
+
+@pytest.fixture(scope="module")
+def vace():
+    """A tiny Wan-VACE transformer (two VACE blocks beside two Wan blocks) in a minimal pipeline-like holder."""
+    model = WanVACETransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, rope_max_seq_len=32, vace_layers=[0, 1],
+        vace_in_channels=8)
+    return SimpleNamespace(transformer=model, components={"transformer": model})
+
+
+@pytest.mark.parametrize("mode", ["patch", "inject"])
+@pytest.mark.parametrize("layout", list(WAN))
+def test_wan_vace_blocks_whole_matrix(vace, layout, mode):
+    """VACE's blocks (native 'vace_blocks.{i}', with 'before_proj' / 'after_proj') and its patch embedding:
+    W + alpha/r·up@down (diffusers' Wan converter reads no VACE keys)."""
+    pipe = copy.deepcopy(vace)
+    sd = lora_file(pipe.transformer, "wan", WAN[layout], alpha=2.0, only=r"^vace_")
+    names = "".join(sd).replace("_", ".")
+    assert all(n in names for n in ("vace.blocks.0.before.proj", "vace.blocks.1.after.proj", "vace.patch.embedding"))
+    ref = reference_weights(pipe.transformer, "wan", lora_deltas(pipe.transformer, WAN[layout], sd, family="wan"))
+    assert "vace_blocks.1.attn2.to_out.0" in ref and "vace_blocks.0.proj_in" in ref
+    info = load_unload(pipe, sd, ref, mode=mode)
+    assert info.layout == {"comfyui": "Wan ComfyUI", "musubi": "Wan musubi-tuner"}[layout]

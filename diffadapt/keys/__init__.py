@@ -88,7 +88,7 @@ def split(raw: RawAdapter, configs: dict[str, dict]) -> list[ModuleGroup]:
         raise unknown_key_error(str(raw.source), unknown, len(raw.tensors))
     groups: dict[tuple[str, str], ModuleGroup] = {}
     for key, tensor in raw.tensors.items():
-        k = rewrite_legacy(key)
+        k = dit.rewrite_key(rewrite_legacy(key))
         suffix = _suffix(k)
         component, module_key, dotted, fmt = classify(k[: -len(suffix) - 1])
         group = groups.get((component, module_key))

@@ -7,7 +7,8 @@ Trainers name DiT modules after the original implementations, not diffusers: Flu
 XLabs' processor names (``double_blocks.0.processor.qkv_lora1``). One table per family lists each native
 module once; its pattern matches every spelling ('.' or '_' between parts). A native module that diffusers
 splits (fused q/k/v, Flux's single-block ``linear1``) maps to several modules: a :class:`~diffadapt.spec.Fused`.
-Qwen-Image's native names are diffusers' own, so it needs only the prefixes.
+Qwen-Image's native names are diffusers' own, so it needs only the prefixes. Wan's adaLN tables (``modulation``)
+are bare ``scale_shift_table`` parameters in diffusers: only full diffs reach them (``pipeline.ParameterSite``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ FLUX: tuple[Rule, ...] = (
     R("single_blocks.{i}.linear1", *_qkv(f"{_S}.attn"), f"{_S}.proj_mlp"),
     R("single_blocks.{i}.linear2", f"{_S}.proj_out"),
     R("single_blocks.{i}.modulation.lin", f"{_S}.norm.linear", modulation=True),
+    # q/k RMSNorm scales (BFL's '.scale'): full diffs only
+    R("double_blocks.{i}.img_attn.norm.query_norm", f"{_D}.attn.norm_q"),
+    R("double_blocks.{i}.img_attn.norm.key_norm", f"{_D}.attn.norm_k"),
+    R("double_blocks.{i}.txt_attn.norm.query_norm", f"{_D}.attn.norm_added_q"),
+    R("double_blocks.{i}.txt_attn.norm.key_norm", f"{_D}.attn.norm_added_k"),
+    R("single_blocks.{i}.norm.query_norm", f"{_S}.attn.norm_q"),
+    R("single_blocks.{i}.norm.key_norm", f"{_S}.attn.norm_k"),
     R("img_in", "x_embedder"),
     R("txt_in", "context_embedder"),
     R("time_in.in_layer", "time_text_embed.timestep_embedder.linear_1"),
@@ -82,6 +90,7 @@ FLUX: tuple[Rule, ...] = (
     R("double_blocks.{i}.processor.qkv_lora2", *_qkv(f"{_D}.attn", _ADD)),
     R("double_blocks.{i}.processor.proj_lora2", f"{_D}.attn.to_add_out"),
     R("single_blocks.{i}.processor.qkv_lora", *_qkv(f"{_S}.attn")),
+    R("single_blocks.{i}.processor.proj_lora", f"{_S}.proj_out"),  # on linear2's input (attention ‖ MLP)
 )
 
 _J, _X, _C = "transformer_blocks.{i}", "joint_blocks.{i}.x_block", "joint_blocks.{i}.context_block"
@@ -98,6 +107,13 @@ SD3: tuple[Rule, ...] = (
     R(f"{_C}.mlp.fc1", f"{_J}.ff_context.net.0.proj"),
     R(f"{_C}.mlp.fc2", f"{_J}.ff_context.net.2"),
     R(f"{_C}.adaLN_modulation.1", f"{_J}.norm1_context.linear", modulation=True),
+    # SD3.5 q/k RMSNorm scales: full diffs only
+    R(f"{_X}.attn.ln_q", f"{_J}.attn.norm_q"),
+    R(f"{_X}.attn.ln_k", f"{_J}.attn.norm_k"),
+    R(f"{_X}.attn2.ln_q", f"{_J}.attn2.norm_q"),
+    R(f"{_X}.attn2.ln_k", f"{_J}.attn2.norm_k"),
+    R(f"{_C}.attn.ln_q", f"{_J}.attn.norm_added_q"),
+    R(f"{_C}.attn.ln_k", f"{_J}.attn.norm_added_k"),
     R("x_embedder.proj", "pos_embed.proj"),
     R("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
     R("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
@@ -108,25 +124,41 @@ SD3: tuple[Rule, ...] = (
     R("final_layer.adaLN_modulation.1", "norm_out.linear", modulation=True),
 )
 
-_W = "blocks.{i}"
+def _wan_block(b: str) -> tuple[Rule, ...]:
+    """One Wan block's modules under its path ``b`` (``blocks.{i}``; VACE's ``vace_blocks.{i}`` too)."""
+    qkvo = tuple(zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0")))
+    return (
+        *(R(f"{b}.self_attn.{o}", f"{b}.attn1.{d}") for o, d in qkvo),
+        *(R(f"{b}.cross_attn.{o}", f"{b}.attn2.{d}") for o, d in qkvo),
+        R(f"{b}.cross_attn.k_img", f"{b}.attn2.add_k_proj"),  # i2v: the image tokens' keys and values
+        R(f"{b}.cross_attn.v_img", f"{b}.attn2.add_v_proj"),
+        *(R(f"{b}.{a}.norm_{n}", f"{b}.attn{i}.norm_{n}") for a, i in (("self_attn", 1), ("cross_attn", 2))
+          for n in "qk"),
+        R(f"{b}.cross_attn.norm_k_img", f"{b}.attn2.norm_added_k"),
+        R(f"{b}.norm3", f"{b}.norm2"),  # the cross-attention norm (Wan's norm1/norm2 have no scale)
+        R(f"{b}.ffn.0", f"{b}.ffn.net.0.proj"),
+        R(f"{b}.ffn.2", f"{b}.ffn.net.2"),
+        # the adaLN table: a parameter of no module in diffusers (``scale_shift_table``), adapted by full diffs
+        R(f"{b}.modulation", f"{b}.scale_shift_table"),
+    )
+
+
 WAN: tuple[Rule, ...] = (
-    *(R(f"{_W}.self_attn.{o}", f"{_W}.attn1.{d}") for o, d in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))),
-    *(R(f"{_W}.cross_attn.{o}", f"{_W}.attn2.{d}") for o, d in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))),
-    R(f"{_W}.cross_attn.k_img", f"{_W}.attn2.add_k_proj"),
-    R(f"{_W}.cross_attn.v_img", f"{_W}.attn2.add_v_proj"),
-    *(R(f"{_W}.{a}.norm_{n}", f"{_W}.attn{i}.norm_{n}") for a, i in (("self_attn", 1), ("cross_attn", 2))
-      for n in "qk"),
-    R(f"{_W}.cross_attn.norm_k_img", f"{_W}.attn2.norm_added_k"),
-    R(f"{_W}.norm3", f"{_W}.norm2"),  # the cross-attention norm (Wan's norm1/norm2 have no scale)
-    R(f"{_W}.ffn.0", f"{_W}.ffn.net.0.proj"),
-    R(f"{_W}.ffn.2", f"{_W}.ffn.net.2"),
+    *_wan_block("blocks.{i}"),
+    *_wan_block("vace_blocks.{i}"),
+    R("vace_blocks.{i}.before_proj", "vace_blocks.{i}.proj_in"),
+    R("vace_blocks.{i}.after_proj", "vace_blocks.{i}.proj_out"),
+    R("vace_patch_embedding", "vace_patch_embedding"),
     R("text_embedding.0", "condition_embedder.text_embedder.linear_1"),
     R("text_embedding.2", "condition_embedder.text_embedder.linear_2"),
     R("time_embedding.0", "condition_embedder.time_embedder.linear_1"),
     R("time_embedding.2", "condition_embedder.time_embedder.linear_2"),
     R("time_projection.1", "condition_embedder.time_proj"),
-    R("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),
+    R("img_emb.proj.0", "condition_embedder.image_embedder.norm1"),  # i2v image embedder: LayerNorm,
+    R("img_emb.proj.1", "condition_embedder.image_embedder.ff.net.0.proj"),  # Linear, GELU, Linear, LayerNorm
     R("img_emb.proj.3", "condition_embedder.image_embedder.ff.net.2"),
+    R("img_emb.proj.4", "condition_embedder.image_embedder.norm2"),
+    R("head.modulation", "scale_shift_table"),
     R("head.head", "proj_out"),
     R("patch_embedding", "patch_embedding"),
 )
@@ -137,9 +169,23 @@ TABLES: dict[str, tuple[Rule, ...]] = {"flux": FLUX, "sd3": SD3, "wan": WAN, "qw
 _SIGNS: tuple[tuple[str, re.Pattern], ...] = (
     ("flux", re.compile(r"(^|[._])(double_blocks|single_blocks)[._]\d+[._]")),
     ("sd3", re.compile(r"(^|[._])joint_blocks[._]\d+[._](x_block|context_block)")),
-    ("wan", re.compile(r"(^|[._])blocks[._]\d+[._](self_attn|cross_attn|ffn)[._]")),
+    ("wan", re.compile(r"(^|[._])(blocks[._]\d+[._](self_attn|cross_attn|ffn)[._]|blocks[._]\d+[._]modulation$"
+                       r"|img_emb[._]proj[._]\d$|head[._](head|modulation)$)")),
     ("qwen", re.compile(r"(^|[._])transformer_blocks[._]\d+[._](img_mod|txt_mod|img_mlp|txt_mlp)[._]")),
 )
+
+
+# ComfyUI-format Wan distillation files name the modulation delta of a block 'blocks.0.diff_m'
+_DIFF_M = re.compile(r"([._])diff_m$")
+
+
+def rewrite_key(key: str) -> str:
+    """``<block>.diff_m`` (a delta on the block's adaLN ``modulation`` table) → ``<block>.modulation.diff``."""
+    m = _DIFF_M.search(key)
+    if m is None:
+        return key
+    sep = "." if "." in key[: m.start()] else "_"
+    return f"{key[: m.start()]}{sep}modulation.diff"
 
 
 def _compile(template: str) -> re.Pattern:
@@ -194,11 +240,13 @@ def layout_name(family: str, groups: list[ModuleGroup], original_keys: list[str]
         style = trainer
     elif any(k.startswith(("lycoris_",)) for k in keys):
         style = "LyCORIS"
+    elif all(g.dotted for g in groups):  # dotted, unprefixed: diffusers names, or the family's own (native) ones
+        style = "native" if family != "qwen" and any(match(family, g.module_key) for g in groups) else "diffusers"
     else:
-        style = "diffusers" if all(g.dotted for g in groups) else trainer
+        style = trainer
     methods = {s for g in groups for s in g.tensors}
-    if style in ("kohya", "ComfyUI/BFL", "ComfyUI") and methods & {"hada_w1_a", "lokr_w1", "lokr_w1_a", "oft_blocks",
-                                                                 "lokr_w2", "diff"}:
+    lycoris = {"hada_w1_a", "lokr_w1", "lokr_w1_a", "oft_blocks", "lokr_w2"} | ({"diff"} if family != "wan" else set())
+    if style in ("kohya", "ComfyUI/BFL", "ComfyUI") and methods & lycoris:  # Wan's ComfyUI files write diffs
         style += " (LyCORIS)"
     return f"{fam} {style}"
 

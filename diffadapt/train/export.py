@@ -44,6 +44,9 @@ def metadata(config, *, n_images: int, seed: int, family: str, steps: int) -> di
         "ss_tag_frequency": json.dumps({Path(config.instance_data_dir).name: {config.instance_prompt: n_images}}),
         "ss_max_train_steps": str(steps),
         "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        **({"ss_text_encoder_lr": str(config.text_encoder_lr or config.learning_rate)}
+           if config.train_text_encoder else {}),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_seed": str(seed),
         "ss_num_train_images": str(n_images),
