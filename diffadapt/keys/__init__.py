@@ -37,10 +37,15 @@ def _suffix(key: str) -> str | None:
     return None
 
 
+def normalize(key: str) -> str:
+    """A key as ``split`` reads it: legacy diffusers and DiT spellings rewritten to the suffixes methods know."""
+    return dit.rewrite_key(rewrite_legacy(key))
+
+
 def unknown_keys(names: Iterable[str]) -> list[str]:
     """The keys no adapter method knows, in order: one pass over names alone, so a file can be refused from
     its header before its data is read."""
-    return [k for k in names if _suffix(rewrite_legacy(k)) is None]
+    return [k for k in names if _suffix(normalize(k)) is None]
 
 
 def unknown_key_error(where: str, unknown: list[str], total: int) -> FormatError:
@@ -88,7 +93,7 @@ def split(raw: RawAdapter, configs: dict[str, dict]) -> list[ModuleGroup]:
         raise unknown_key_error(str(raw.source), unknown, len(raw.tensors))
     groups: dict[tuple[str, str], ModuleGroup] = {}
     for key, tensor in raw.tensors.items():
-        k = dit.rewrite_key(rewrite_legacy(key))
+        k = normalize(key)
         suffix = _suffix(k)
         component, module_key, dotted, fmt = classify(k[: -len(suffix) - 1])
         group = groups.get((component, module_key))
