@@ -219,7 +219,7 @@ def _merge(args: argparse.Namespace) -> int:
         except ValueError:
             sources[item] = 1.0  # a ':' inside the path itself
     model = args.model
-    if model is not None and model not in ("sd1", "sdxl"):
+    if model is not None and model not in conversion.BUILT_IN:
         model = _load_model(model, "cpu")[0]
     if args.rank is not None and args.method in ("cat", "linear"):
         raise DiffAdaptError(f"--rank applies to svd, ties and dare, not {args.method}")
@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="dare's random pruning seed")
     p.add_argument("--format", "--to", dest="to", default="kohya", choices=["kohya", "peft"])
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--model", help="sd1 | sdxl | diffusers folder (default: the first file's guessed family)")
+    p.add_argument("--model", help="sd1 | sdxl | flux | sd3 (built-in module trees) | diffusers folder or hub id "
+                   "(default: the first file's guessed family)")
     p.add_argument("--force", action="store_true", help="replace the output if it exists")
     p.set_defaults(func=_merge)
     from .studio.launch import add_arguments as studio_arguments

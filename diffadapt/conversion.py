@@ -229,7 +229,7 @@ def convert(source: Any, dest: str | os.PathLike, *, format: str | None = None, 
     ``.safetensors`` with the configs in its metadata when ``dest`` ends in ``.safetensors``).
 
     ``exclude``: shell-style patterns of modules to drop (see :func:`excluded`). ``model``: a pipeline,
-    module or family name ('sd1', 'sdxl') to resolve kohya names for PEFT output; by default the file's
+    module or built-in family name ('sd1', 'sdxl', 'flux', 'sd3') to resolve kohya names for PEFT output; by default the file's
     guessed family. Returns the paths written. ``to=`` is the old name of ``format=`` (deprecated).
     """
     if to is not None:
@@ -269,7 +269,8 @@ def convert(source: Any, dest: str | os.PathLike, *, format: str | None = None, 
         if target is None:
             raise DiffAdaptError(
                 f"{spec.source}: kohya module names cannot be turned into PEFT's dotted names without the model "
-                f"(base family guessed: {family}); pass model= (CLI: --model) a pipeline/module or 'sd1'/'sdxl'"
+                f"(base family guessed: {family}); pass model= (CLI: --model) a pipeline/module or one of "
+                f"{', '.join(BUILT_IN)}"
             )
     if target is not None and kept:
         try:

@@ -81,10 +81,10 @@ def write(adapters: dict[str, dict[str, torch.Tensor]], peft_configs: dict, *, o
     spec.metadata.update(meta)
     made = []
     if "diffusers" in formats:
-        da.convert(spec, stage / DIFFUSERS_FILE, to="peft", model=pipe, single_file=True)
+        da.convert(spec, stage / DIFFUSERS_FILE, format="peft", model=pipe, single_file=True)
         made.append(DIFFUSERS_FILE)
     if "kohya" in formats:
-        da.convert(spec, stage / KOHYA_FILE, to="kohya", model=pipe)
+        da.convert(spec, stage / KOHYA_FILE, format="kohya", model=pipe)
         made.append(KOHYA_FILE)
     if "peft" in formats:
         for name in adapters:
