@@ -15,7 +15,7 @@ from .errors import AdapterNotFoundError, NameInUseError
 from .info import summarize
 from .keys import build_spec
 from .mixing import adapter_names, component_counts
-from .pipeline import Loaded, registry, resolve, tensor_bound
+from .pipeline import Loaded, check_into, registry, resolve, routed, tensor_bound
 from .spec import AdapterInfo, AdapterSpec
 from .transaction import writing
 from .weights import validate as validate_weight
@@ -60,11 +60,15 @@ def load(
     allow_pickle: bool = False,
     strict: bool = True,
     backup: str | None = None,
+    into: str | None = None,
 ) -> AdapterInfo:
     """Load an adapter into a pipeline or module; returns its summary. A failed load changes nothing.
 
     ``backup`` (patch mode): where the originals of modules patched for the first time are kept — "host",
     "device" or "none" (no unload); default from :func:`diffadapt.configure`, else "host".
+    ``into``: the denoiser component that takes the file's denoiser keys, e.g. ``"transformer_2"`` for the
+    low-noise half of a Wan 2.2 LoRA pair (diffusers' ``load_into_transformer_2=True``); default the pipeline's
+    denoiser. Text-encoder keys still go to the text encoders.
     """
     backend = backends.get(mode)
     extra = {} if backup is None else {"backup": check_backup(backup)}
@@ -72,17 +76,18 @@ def load(
     with reg.lock:  # an early answer, before reading a file; checked again when writing
         if name is not None and name in reg.adapters:
             raise NameInUseError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
+    into = check_into(target, into)
     weight = validate_weight(weight, where="weight", counts=component_counts(target))
     spec = read_spec(source, allow_pickle=allow_pickle, target=target)  # file and hub I/O: outside the lock
     with reg.lock:
         if name is not None and name in reg.adapters:
             raise NameInUseError(f"an adapter named '{name}' is already loaded; unload it or use hotswap")
-        targets = resolve(target, spec, strict=strict)
+        targets = resolve(target, spec, strict=strict, into=into)
         name = name or _default_name(source, reg.adapters)
         info = summarize(spec, name=name)
-        info.weight, info.mode = weight, mode
+        info.weight, info.mode, info.components = weight, mode, routed(info.components, into, targets)
         loaded = Loaded(name=name, spec=spec, info=info, targets=targets, mode=backend.NAME, weight=weight,
-                        extra=extra)
+                        extra=extra, into=into)
         with writing(reg) as tx:
             tx.apply(loaded)
             reg.adapters[name] = loaded

@@ -83,8 +83,15 @@ def _device(name: str | None) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    """Every source is summarised; one that cannot be read is reported (one line) and the rest still are."""
+    failed = 0
     for source in args.sources:
-        info = api.inspect(source, allow_pickle=args.allow_pickle)
+        try:
+            info = api.inspect(source, allow_pickle=args.allow_pickle)
+        except DiffAdaptError as e:
+            print(f"diffadapt: error: {_one_line(e)}", file=sys.stderr)
+            failed += 1
+            continue
         if args.json:
             data = asdict(info)
             if not args.metadata:
@@ -97,7 +104,7 @@ def _inspect(args: argparse.Namespace) -> int:
                     print(f"  {k}: {v if len(v) < 200 else v[:200] + '…'}")
         if len(args.sources) > 1:
             print()
-    return 0
+    return 2 if failed else 0
 
 
 # --------------------------------------------------------------------------- generate
@@ -190,7 +197,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     model = args.model
-    if model is not None and model not in ("sd1", "sdxl"):
+    if model is not None and model not in conversion.BUILT_IN:
         model = _load_model(model, "cpu")[0]  # a diffusers folder / hub id / single file: its module names
     for path in conversion.convert(args.source, args.dest, format=args.to, dtype=args.dtype, exclude=args.exclude,
                             model=model, allow_pickle=args.allow_pickle, overwrite=args.force):
@@ -212,7 +219,7 @@ def _merge(args: argparse.Namespace) -> int:
         except ValueError:
             sources[item] = 1.0  # a ':' inside the path itself
     model = args.model
-    if model is not None and model not in ("sd1", "sdxl"):
+    if model is not None and model not in conversion.BUILT_IN:
         model = _load_model(model, "cpu")[0]
     if args.rank is not None and args.method in ("cat", "linear"):
         raise DiffAdaptError(f"--rank applies to svd, ties and dare, not {args.method}")
@@ -266,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="cast the tensors (default: keep)")
     p.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="drop modules matching these shell patterns, e.g. 'text_encoder*' '*down_blocks_0_*'")
-    p.add_argument("--model", help="sd1 | sdxl | diffusers folder or hub id, to resolve kohya names for PEFT "
-                                    "output (default: the file's guessed family)")
+    p.add_argument("--model", help="sd1 | sdxl | flux | sd3 (built-in module trees) | diffusers folder or hub id, "
+                                    "to resolve kohya names for PEFT output (default: the file's guessed family)")
     p.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt/.ckpt files (runs pickle)")
     p.add_argument("--force", action="store_true", help="replace DEST if it exists")
     p.set_defaults(func=_convert)
@@ -281,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_int_at_least(0), default=0, help="dare's random pruning seed")
     p.add_argument("--format", "--to", dest="to", default="kohya", choices=["kohya", "peft"])
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"])
-    p.add_argument("--model", help="sd1 | sdxl | diffusers folder (default: the first file's guessed family)")
+    p.add_argument("--model", help="sd1 | sdxl | flux | sd3 (built-in module trees) | diffusers folder or hub id "
+                   "(default: the first file's guessed family)")
     p.add_argument("--force", action="store_true", help="replace the output if it exists")
     p.set_defaults(func=_merge)
     from .studio.launch import add_arguments as studio_arguments

@@ -38,6 +38,7 @@ from .pipeline import Target, components, model_family, registry, resolve
 from .spec import AdapterSpec, RawAdapter
 
 FORMATS = ("kohya", "peft")
+BUILT_IN = ("sd1", "sdxl", "flux", "sd3")  # families whose module tree ``architecture`` builds (model="sdxl")
 
 
 def parse_dtype(dtype: Any) -> torch.dtype | None:
@@ -48,13 +49,41 @@ def parse_dtype(dtype: Any) -> torch.dtype | None:
     raise DiffAdaptError(f"dtype={dtype!r}: use one of fp16, bf16, fp32 (or a torch dtype)")
 
 
-def _check_request(to: str, dest: Any, overwrite: bool) -> Path:
+PEFT_FILES = {io.PEFT_CONFIG, io.PEFT_WEIGHTS[0], "README.md"}
+
+
+def _foreign(folder: Path, *, folder_out: bool) -> list[str]:
+    """What an existing destination folder holds that no output of this kind would: replacing the folder whole
+    (nothing stale left) must never delete a user's other files. Any content at all, for a file output."""
+    found = []
+    for p in folder.iterdir():
+        if folder_out and p.name in io.COMPONENT_DIRS and p.is_dir() and not p.is_symlink():
+            found += [f"{p.name}/{q.name}" for q in p.iterdir() if q.name not in PEFT_FILES or not q.is_file()]
+        elif not folder_out or p.name not in PEFT_FILES or not p.is_file():
+            found.append(p.name)
+    return sorted(found)
+
+
+def _check_request(to: str, dest: Any, overwrite: bool, single_file: bool | None = None) -> Path:
     if to not in FORMATS:
         raise DiffAdaptError(f"format {to!r}: choose one of {list(FORMATS)}")
     if not isinstance(dest, (str, os.PathLike)):
         raise DiffAdaptError(f"destination must be a path, got {type(dest).__name__}")
     path = Path(dest).expanduser()
-    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+    try:
+        if path.is_dir():
+            folder_out = to == "peft" and not (path.suffix == ".safetensors" if single_file is None else single_file)
+            foreign = _foreign(path, folder_out=folder_out)
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
+                raise DiffAdaptError(
+                    f"{path}: a folder holding {len(foreign)} other file(s) ({shown}); "
+                    + ("a PEFT output replaces its folder whole: give a new or empty folder" if folder_out
+                       else f"{to} output here is one .safetensors file: give a file path"))
+        exists = path.exists() and (path.is_file() or any(path.iterdir()))
+    except OSError as e:
+        raise DiffAdaptError(f"{path}: cannot check the destination: {e.strerror or e}") from e
+    if exists and not overwrite:
         raise DiffAdaptError(f"{path}: already exists; pass overwrite=True (CLI: --force) to replace it")
     return path
 
@@ -112,7 +141,7 @@ def _model(model: Any):
     if isinstance(model, str):
         arch = architecture(model)
         if arch is None:
-            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: sd1, sdxl, flux, sd3); "
+            raise DiffAdaptError(f"model={model!r}: no built-in architecture (known: {', '.join(BUILT_IN)}); "
                                  "pass a pipeline or module")
         return arch
     return model
@@ -151,7 +180,8 @@ def _native_items(loaded) -> list[Item] | None:
     resolved = {t.patch.original_key for t in loaded.targets}  # strict=False may have left some out
     items = [Item(component="unet", module=names[id(p)], dotted=False, params=p.params)
              for p in loaded.spec.patches if id(p) in names and p.original_key in resolved]
-    return items + [i for i in _items_from_targets(loaded.targets) if i.component not in ("transformer", "unet")]
+    return items + [i for i in _items_from_targets(loaded.targets)
+                    if i.component not in ("transformer", "transformer_2", "unet")]
 
 
 def _file_ndim(raw: RawAdapter | None, patch) -> int | None:
@@ -199,7 +229,7 @@ def convert(source: Any, dest: str | os.PathLike, *, format: str | None = None, 
     ``.safetensors`` with the configs in its metadata when ``dest`` ends in ``.safetensors``).
 
     ``exclude``: shell-style patterns of modules to drop (see :func:`excluded`). ``model``: a pipeline,
-    module or family name ('sd1', 'sdxl') to resolve kohya names for PEFT output; by default the file's
+    module or built-in family name ('sd1', 'sdxl', 'flux', 'sd3') to resolve kohya names for PEFT output; by default the file's
     guessed family. Returns the paths written. ``to=`` is the old name of ``format=`` (deprecated).
     """
     if to is not None:
@@ -210,7 +240,7 @@ def convert(source: Any, dest: str | os.PathLike, *, format: str | None = None, 
     if format is None:
         raise DiffAdaptError(f"convert() needs format=, one of {list(FORMATS)}")
     to = format
-    path = _check_request(to, dest, overwrite)
+    path = _check_request(to, dest, overwrite, single_file)
     dtype = parse_dtype(dtype)
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
     if not all(isinstance(p, str) for p in patterns):
@@ -239,7 +269,8 @@ def convert(source: Any, dest: str | os.PathLike, *, format: str | None = None, 
         if target is None:
             raise DiffAdaptError(
                 f"{spec.source}: kohya module names cannot be turned into PEFT's dotted names without the model "
-                f"(base family guessed: {family}); pass model= (CLI: --model) a pipeline/module or 'sd1'/'sdxl'"
+                f"(base family guessed: {family}); pass model= (CLI: --model) a pipeline/module or one of "
+                f"{', '.join(BUILT_IN)}"
             )
     if target is not None and kept:
         try:
@@ -258,7 +289,7 @@ def convert(source: Any, dest: str | os.PathLike, *, format: str | None = None, 
 def save(target: Any, name: str, path: str | os.PathLike, *, format: str = "kohya", dtype: Any = None,
          single_file: bool | None = None, overwrite: bool = False) -> list[str]:
     """Write a loaded adapter (its tensors as loaded, strength 1) in kohya or PEFT format; returns the paths."""
-    dest = _check_request(format, path, overwrite)
+    dest = _check_request(format, path, overwrite, single_file)
     dtype = parse_dtype(dtype)
     reg = registry(target)
     with reg.lock:  # a consistent view of the record; the writing happens outside the lock
@@ -267,6 +298,9 @@ def save(target: Any, name: str, path: str | os.PathLike, *, format: str = "kohy
             raise AdapterNotFoundError(f"no adapter named '{name}' is loaded (loaded: {sorted(reg.adapters)})")
         items, spec = _items_from_targets(loaded.targets), loaded.spec
         items = (_native_items(loaded) if format == "kohya" else None) or items
+        # a Wan 2.2 low-noise adapter is written as its pair is (the same names); it loads back with into=
+        items = [Item(**{**vars(i), "component": "transformer"}) if i.component == "transformer_2" else i
+                 for i in items]
     bare = isinstance(target, nn.Module)
     family = guess_family(spec) if bare else model_family(target)
     return _write(items, dest, to=format, family=family, dtype=dtype, metadata=spec.metadata,

@@ -23,7 +23,7 @@ from .fusing import prepare_hotswap  # noqa: F401  (inject mode: pad before comp
 from .errors import AdapterNotFoundError, UnsupportedError
 from .info import summarize
 from .mixing import component_counts
-from .pipeline import Loaded, Target, registry, resolve
+from .pipeline import Loaded, Target, check_into, registry, resolve, routed
 from .spec import AdapterInfo, AdapterSpec
 from .transaction import Transaction, writing
 from .weights import validate as validate_weight
@@ -39,10 +39,11 @@ def _swapper(loaded: Loaded):
     return swap
 
 
-def _summary(loaded: Loaded, spec: AdapterSpec) -> AdapterInfo:
+def _summary(loaded: Loaded, spec: AdapterSpec, into: str | None = None, targets: list[Target] = ()) -> AdapterInfo:
     """The record's summary for a new file — built before any write (hostile metadata fails here)."""
     info = summarize(spec, name=loaded.name)
     info.weight, info.enabled, info.mode = loaded.weight, loaded.enabled, loaded.mode
+    info.components = routed(info.components, into, list(targets))
     return info
 
 
@@ -59,30 +60,35 @@ def _loaded(target: Any, name: str) -> Loaded:
     return reg.adapters[name]
 
 
-def hotswap(target: Any, source: Any, name: str, *, allow_pickle: bool = False, strict: bool = True) -> AdapterInfo:
+def hotswap(target: Any, source: Any, name: str, *, allow_pickle: bool = False, strict: bool = True,
+            into: str | None = None) -> AdapterInfo:
     """Replace the weights of loaded adapter ``name`` with those of ``source``; its weight and state stay.
 
     Arguments in ``load``'s order. The new file is read, mapped, checked and summarised before anything is
     written, and a failure while writing is rolled back, so a failed hotswap changes nothing. It may use another
     method, rank or alpha, and target other modules (text encoders included). The old order
     ``hotswap(target, name, source)`` is still understood (with a DeprecationWarning) when ``source`` names a
-    loaded adapter and ``name`` does not.
+    loaded adapter and ``name`` does not. ``into`` as in ``load``; by default the component the adapter was
+    loaded into (a Wan 2.2 low-noise adapter swaps within ``transformer_2``).
     """
     reg = registry(target)
     if isinstance(source, str) and source in reg.adapters and not (isinstance(name, str) and name in reg.adapters):
         warnings.warn("hotswap(target, name, source) is deprecated; use load's order: hotswap(target, source, name)",
                       DeprecationWarning, stacklevel=2)
         source, name = name, source
+    into = check_into(target, into)
     with reg.lock:
         _swapper(_loaded(target, name))  # answer early, before reading a file
     spec = read_spec(source, allow_pickle=allow_pickle, target=target)  # file and hub I/O: outside the lock
     with reg.lock:
         loaded = _loaded(target, name)
         _swapper(loaded)
-        targets = resolve(target, spec, strict=strict)
-        info = _summary(loaded, spec)
+        where = loaded.into if into is None else into
+        targets = resolve(target, spec, strict=strict, into=where)
+        info = _summary(loaded, spec, where, targets)
         with writing(reg) as tx:
             _swap(tx, loaded, spec, targets, info)
+            loaded.into = where
         return info
 
 
@@ -135,7 +141,8 @@ def _apply(target: Any, items: dict[str, tuple[Any, Any]], undo: _Undo, *, exclu
         if spec is not None:
             if loaded is not None:
                 _swapper(loaded)
-                spec = (spec, resolve(target, spec), _summary(loaded, spec))
+                targets = resolve(target, spec, into=loaded.into)
+                spec = (spec, targets, _summary(loaded, spec, loaded.into, targets))
             else:
                 info = summarize(spec, name=name)
                 info.weight, info.mode = 1.0 if weight is None else weight, "patch"

@@ -21,20 +21,25 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import hub
 from .errors import DiffAdaptError, FormatError, PickleRefusedError, ShapeError, SourceError, WriteError
+from .layout import COMPONENT_DIRS, DIFFUSERS_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, PICKLE_SUFFIXES
 from .spec import RawAdapter
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-DIFFUSERS_WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
-COMPONENT_DIRS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(/.+)?$")
 
 Source = "str | os.PathLike | Mapping[str, torch.Tensor]"
 
 
+MAX_JSON_BYTES = 16 << 20  # adapter_config.json: a few kB, even with per-module rank/alpha patterns
 MAX_TENSORS = 50_000  # ~3× the largest adapters shared (full-layer SDXL LyCORIS with text encoders)
+# Without a model, no adapter tensor (nor the weight a factor pair describes) may hold more values than this:
+# ~2× the largest layer of the models supported (a 152k-token text-encoder embedding; T5-XXL's is 1.3e8).
+MAX_LAYER_NUMEL = 1 << 30
+# low-rank factor pairs (first, second) by suffix: second is (rank, in, …), first holds rank × out values
+FACTOR_PAIRS = (("lora_up.weight", "lora_down.weight"), ("lora_B.weight", "lora_A.weight"),
+                ("hada_w1_a", "hada_w1_b"), ("hada_w2_a", "hada_w2_b"), ("lokr_w1_a", "lokr_w1_b"),
+                ("lokr_w2_a", "lokr_w2_b"))
 
 
 def read(source: Any, *, allow_pickle: bool = False, max_numel: int | None = None) -> RawAdapter:
@@ -47,24 +52,39 @@ def read(source: Any, *, allow_pickle: bool = False, max_numel: int | None = Non
         return source
     if isinstance(source, Mapping):
         tensors = dict(source)
+        names = [k for k in tensors if not isinstance(k, str)]
+        if names:
+            raise FormatError(f"<state dict>: keys {names[:3]!r} are not strings")
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise FormatError(f"<state dict>: values of {bad[:3]} are not tensors")
         _check_header("<state dict>", {k: tuple(v.shape) for k, v in tensors.items()}, max_numel)
         return RawAdapter(tensors=tensors)
-    if not isinstance(source, (str, os.PathLike)):
+    if not isinstance(source, (str, os.PathLike)) or not isinstance(os.fspath(source), str):
         raise SourceError(f"cannot read an adapter from a {type(source).__name__}")
+    if not os.fspath(source).strip():  # Path("") is the current folder: never read it by accident
+        raise SourceError("an empty string is not an adapter source (give a file, folder, hub id or state dict)")
     path = Path(source).expanduser()
-    if path.is_symlink() and not path.exists():
-        raise SourceError(f"{path}: a broken or looping symbolic link")
-    if path.is_file():
+    try:
+        if path.is_symlink() and not path.exists():
+            raise SourceError(f"{path}: a broken or looping symbolic link")
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        shown = str(source) if len(str(source)) <= 200 else str(source)[:200] + "…"
+        raise SourceError(f"{shown!r}: not a path that can be opened ({getattr(e, 'strerror', None) or e})") from e
+    if is_file:
         return read_file(path, allow_pickle=allow_pickle, max_numel=max_numel)
-    if path.is_dir():
+    if is_dir:
         return read_dir(path, allow_pickle=allow_pickle, max_numel=max_numel)
-    if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
-        return read_dir_or_file(_from_hub(str(source), allow_pickle=allow_pickle), allow_pickle=allow_pickle,
-                                max_numel=max_numel)
-    raise SourceError(f"{source}: no such file or directory")
+    text = str(source)
+    local = Path(text.split("/", 1)[0]).is_dir()  # 'loras/x.safetensors' beside a loras/ folder: a typo, not an id
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")) and not local:
+        raw = read_dir_or_file(hub.download(text, allow_pickle=allow_pickle), allow_pickle=allow_pickle,
+                               max_numel=max_numel)
+        raw.source = text  # summaries and errors name what the user gave; raw.files has the cached paths
+        return raw
+    hint = f" (not looked up on the Hub: ./{text.split('/', 1)[0]} is a local folder)" if local and "/" in text else ""
+    raise SourceError(f"{source}: no such file or directory{hint}")
 
 
 def read_dir_or_file(path: Path, *, allow_pickle: bool, max_numel: int | None = None) -> RawAdapter:
@@ -74,16 +94,39 @@ def read_dir_or_file(path: Path, *, allow_pickle: bool, max_numel: int | None = 
 
 
 def _check_header(where: str, shapes: dict[str, tuple[int, ...]], max_numel: int | None) -> None:
-    """Counts and sizes, from names and shapes alone: a hostile file is refused before its data is read."""
+    """Counts, names and sizes, from names and shapes alone: a hostile file is refused before its data is read.
+
+    ``max_numel``: the model's bound; without a model, :data:`MAX_LAYER_NUMEL`. Low-rank factor pairs must
+    also describe a plausible layer: a rank above both sizes of the weight it factors is refused."""
+    from .keys import unknown_key_error, unknown_keys
+
     if len(shapes) > MAX_TENSORS:
         raise FormatError(f"{where}: {len(shapes)} tensors; an adapter has at most {MAX_TENSORS:,} "
                           "(is this a model checkpoint rather than an adapter?)")
-    if max_numel is None:
-        return
+    unknown = unknown_keys(shapes)
+    if unknown:
+        raise unknown_key_error(where, unknown, len(shapes))
+    bound = MAX_LAYER_NUMEL if max_numel is None else max_numel
+    whose = ("than any layer of the model could use" if max_numel is not None
+             else "than any layer of the models diffadapt supports")
     for key, shape in shapes.items():
-        if math.prod(shape) > max_numel:
-            raise ShapeError(f"{where}: tensor '{key}' of shape {tuple(shape)} is larger than any layer of the "
-                             f"model could use ({max_numel:,} values at most)")
+        if math.prod(shape) > bound:
+            raise ShapeError(f"{where}: tensor '{key}' of shape {tuple(shape)} is larger {whose} "
+                             f"({bound:,} values at most)")
+    for first, second in FACTOR_PAIRS:  # second is (rank, in, …); first is (out, rank, …) or (rank, out)
+        for key, shape in shapes.items():
+            if not key.endswith("." + second) or len(shape) < 2 or not shape[0]:
+                continue
+            other = shapes.get(key[: -len(second)] + first)
+            if other is None or shape[0] not in tuple(other)[:2] or math.prod(other) % shape[0]:
+                continue  # mismatched factors are reported with the module when parsed
+            rank, out, inn = shape[0], math.prod(other) // shape[0], math.prod(shape[1:])
+            if rank > max(out, inn):
+                raise ShapeError(f"{where}: tensor '{key}' declares rank {rank} for a {out}×{inn} weight; a rank "
+                                 "above both of the weight's sizes is not an adapter (malformed or hostile header)")
+            if out * inn > bound:
+                raise ShapeError(f"{where}: tensors '{key}' declare a {out}×{inn} weight ({out * inn:,} values), "
+                                 f"larger {whose} ({bound:,} values at most)")
 
 
 # -- files -------------------------------------------------------------------------------------------
@@ -106,18 +149,26 @@ def read_file(path: Path, *, allow_pickle: bool = False, max_numel: int | None =
 
 def read_safetensors(path: Path, *, max_numel: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        # the header alone first: torch's reader maps the whole file at once (a huge declared size fails there,
+        # before any check could name the tensor), numpy's reads the header and maps nothing
+        with safe_open(str(path), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
             keys = list(f.keys())
             if len(keys) > MAX_TENSORS:
                 _check_header(str(path), dict.fromkeys(keys, ()), None)
-            _check_header(str(path), {k: tuple(f.get_slice(k).get_shape()) for k in keys}, max_numel)
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        _check_header(str(path), shapes, max_numel)
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            if {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()} != shapes:
+                raise FormatError(f"{path}: the file changed while it was being read")
             # get_tensor returns views of the memory-mapped file: copy them, so a file rewritten or truncated
             # later can neither change a loaded adapter nor crash the process (SIGBUS)
             tensors = {k: f.get_tensor(k).clone() for k in keys}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         if isinstance(e, DiffAdaptError):
             raise
+        if isinstance(e, OSError):  # the OS refused (permissions, a file gone since listed): not the bytes' fault
+            raise SourceError(f"{path}: cannot open: {e.strerror or e}") from e
         hint = " (truncated or not a safetensors file?)"
         raise FormatError(f"{path}: cannot read safetensors: {e}{hint}") from e
     if not tensors:
@@ -139,6 +190,9 @@ def _read_pickle(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
         raise FormatError(f"{path}: expected a non-empty dict of tensors, got {type(obj).__name__}")
+    names = [k for k in obj if not isinstance(k, str)]
+    if names:
+        raise FormatError(f"{path}: keys {names[:3]!r} are not strings")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise FormatError(f"{path}: entries {bad[:3]} are not tensors")
@@ -146,6 +200,12 @@ def _read_pickle(path: Path, *, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise SourceError(f"{path}: cannot open: {e.strerror or e}") from e
+    if size > MAX_JSON_BYTES:  # read whole, so bounded first
+        raise FormatError(f"{path}: {size:,} bytes; an adapter config is a few kB ({MAX_JSON_BYTES:,} at most)")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON, huge integers
@@ -176,14 +236,19 @@ def read_dir(path: Path, *, allow_pickle: bool = False, max_numel: int | None = 
         if (path / name).is_file():
             return read_file(path / name, allow_pickle=allow_pickle, max_numel=max_numel)
     try:
-        files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors")
+        files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" and p.is_file())
+        pickles = sorted(p for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
     except OSError as e:
         raise SourceError(f"{path}: cannot list the folder: {e.strerror or e}") from e
+    if not files and allow_pickle:  # the user trusts pickles: a folder of one checkpoint is read like any other
+        files = pickles
     if len(files) == 1:
         return read_file(files[0], allow_pickle=allow_pickle, max_numel=max_numel)
     if not files:
-        raise SourceError(f"{path}: no adapter found (no {PEFT_CONFIG}, no .safetensors file)")
-    raise SourceError(f"{path}: several .safetensors files ({', '.join(f.name for f in files)}); name one")
+        hint = (f"; it holds pickle files ({', '.join(p.name for p in pickles[:3])}): pass allow_pickle=True "
+                "(CLI: --allow-pickle) if you trust them") if pickles else ""
+        raise SourceError(f"{path}: no adapter found (no {PEFT_CONFIG}, no .safetensors file){hint}")
+    raise SourceError(f"{path}: several adapter files ({', '.join(f.name for f in files)}); name one")
 
 
 def _read_peft_dir(path: Path, *, component: str, allow_pickle: bool, max_numel: int | None = None) -> RawAdapter:
@@ -200,34 +265,6 @@ def _read_peft_dir(path: Path, *, component: str, allow_pickle: bool, max_numel:
     return raw
 
 
-# -- hub ---------------------------------------------------------------------------------------------
-
-
-def _from_hub(source: str, *, allow_pickle: bool) -> Path:
-    """Download (or find in the cache when offline) a hub repo or one file of it."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    parts = source.split("/")
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    patterns = ["*.safetensors", "*.json"] + (["*.bin", "*.pt", "*.ckpt", "*.pth"] if allow_pickle else [])
-    try:
-        try:
-            if filename:
-                return Path(hf_hub_download(repo_id, filename))
-            return Path(snapshot_download(repo_id, allow_patterns=patterns))
-        except LocalEntryNotFoundError:
-            raise
-        except (OSError, ConnectionError) as e:  # no network: fall back to the local cache
-            if filename:
-                return Path(hf_hub_download(repo_id, filename, local_files_only=True))
-            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except (HFValidationError, LocalEntryNotFoundError) as e:
-        raise SourceError(f"{source}: not a local path, and not found on the hub or in its cache ({e})") from e
-    except Exception as e:  # RepositoryNotFoundError, EntryNotFoundError, HTTP errors
-        raise SourceError(f"{source}: cannot fetch from the hub: {type(e).__name__}: {e}") from e
-
-
 # -- writing -----------------------------------------------------------------------------------------
 
 
@@ -238,12 +275,16 @@ def staged(dest: str | os.PathLike) -> Iterator[Path]:
     OS and safetensors errors become :class:`WriteError` naming ``dest``."""
     dest = Path(dest)
     tmp = dest.parent / f".{dest.stem}.{uuid.uuid4().hex[:8]}.tmp{dest.suffix}"
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]  # deepest first
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         _swap_in(tmp, dest)
     except BaseException as e:
         _discard(tmp)
+        for folder in made:  # folders made for dest go too: a failed write leaves the tree as it was
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         cause = e.__cause__ if isinstance(e, WriteError) and e.__cause__ is not None else e
         if isinstance(cause, (OSError, SafetensorError)) and not isinstance(cause, DiffAdaptError):
             raise WriteError(f"{dest}: cannot write: {type(cause).__name__}: {cause}") from cause

@@ -300,7 +300,8 @@ def merge_files(
 ) -> tuple[list[str], float]:
     """Merge adapter files ``{path: weight}`` into one LoRA file without loading a pipeline.
 
-    Module names are resolved against ``model`` (a pipeline, module, or 'sd1'/'sdxl'), by default the
+    Module names are resolved against ``model`` (a pipeline, module, or a built-in family name: 'sd1', 'sdxl',
+    'flux', 'sd3'), by default the
     first file's guessed family built on the meta device (shapes only) — enough for every additive
     method; OFT/DoRA need a real model (their delta depends on the base weights). Returns (paths, error).
     """

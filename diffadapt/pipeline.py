@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 import warnings
 from collections import Counter, defaultdict
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from . import weights
-from .errors import FormatError, KeyMappingError, ShapeError
+from .errors import ComponentError, FormatError, KeyMappingError, ShapeError
 from .info import guess_family
 from .peft_bridge import unwrap
 from .keys import ANY, ModuleIndex, dit, fused
@@ -21,6 +22,7 @@ from .transaction import FairRLock
 from .spec import COMPONENTS, AdapterInfo, AdapterSpec, ModulePatch
 
 DENOISERS = ("unet", "transformer")
+EXPERTS = DENOISERS + ("transformer_2",)  # what ``into=`` may name: Wan 2.2's low-noise expert is transformer_2
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 PATCHABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -73,9 +75,43 @@ class Target:
     root: nn.Module | None = None  # the component the module sits in
 
 
-def _candidates(component: str, comps: dict[str, nn.Module]) -> list[str]:
+def check_into(target: Any, into: str | None) -> str | None:
+    """``into``, checked: a denoiser component this pipeline has (None: the default denoiser)."""
+    if into is None:
+        return None
+    if isinstance(target, nn.Module):
+        raise ComponentError(f"into={into!r} names a pipeline component; a bare {type(target).__name__} is adapted "
+                             "as a whole (pass the pipeline, or the expert module itself)")
+    have = [c for c in EXPERTS if c in components(target)]
+    if into not in have:
+        raise ComponentError(f"into={into!r}: {type(target).__name__} has no such denoiser component; it has {have}"
+                             + (" (transformer_2 is Wan 2.2's low-noise expert)" if into == "transformer_2" else ""))
+    return into
+
+
+def routed(counts: dict[str, int], into: str | None, targets: list[Target]) -> dict[str, int]:
+    """A file's {component: modules} as loaded with ``into``: its denoiser part is counted under ``into``, modules
+    whose component the file did not name under the one they resolved in."""
+    if into is None:
+        return dict(counts)
+    out: dict[str, int] = {}
+    for comp, n in counts.items():
+        if comp != ANY:
+            key = into if comp in DENOISERS else comp
+            out[key] = out.get(key, 0) + n
+    unnamed = {t.patch.original_key: t.component for t in targets if t.patch.component == ANY}
+    for comp in unnamed.values():
+        out[comp] = out.get(comp, 0) + 1
+    return out
+
+
+def _candidates(component: str, comps: dict[str, nn.Module], into: str | None = None) -> list[str]:
     if "" in comps:
         return [""]
+    if into is not None and component in DENOISERS:
+        return [into]
+    if into is not None and component == ANY:
+        return [into] + [c for c in TEXT_ENCODERS if c in comps]
     if component in comps:
         return [component]
     if component in DENOISERS:
@@ -153,8 +189,11 @@ def _place(patch: ModulePatch, comp: str, index: ModuleIndex, root: nn.Module, s
             for c, n, m in zip(children, names, modules)]
 
 
-def resolve(target: Any, spec: AdapterSpec, *, strict: bool = True) -> list[Target]:
+def resolve(target: Any, spec: AdapterSpec, *, strict: bool = True, into: str | None = None) -> list[Target]:
     """Map every patch to a module and check shapes; raises before anything is written.
+
+    ``into`` (checked by :func:`check_into`): the denoiser component that takes the file's denoiser keys —
+    ``"transformer_2"`` for Wan 2.2's low-noise expert; text-encoder keys still go to the text encoders.
 
     A patch whose component the file does not name goes to the first candidate component where the
     module exists *and* fits. A fused file module (Flux's qkv …) becomes one target per model module,
@@ -172,7 +211,7 @@ def resolve(target: Any, spec: AdapterSpec, *, strict: bool = True) -> list[Targ
         patches = dit.translate_patches(patches, fam)  # names several families share: the model decides
     for patch in patches:
         hits, clash = None, None
-        for comp in _candidates(patch.component, comps):
+        for comp in _candidates(patch.component, comps, into):
             try:
                 hits = _place(patch, comp, indexes[comp], comps[comp], spec.source)
             except ShapeError as e:
@@ -196,7 +235,7 @@ def resolve(target: Any, spec: AdapterSpec, *, strict: bool = True) -> list[Targ
             seen[key] = patch.original_key
             found.append(hit)
     if missing or clashes:
-        _report(target, spec, found, missing, clashes, strict=strict)
+        _report(target, spec, found, missing, clashes, strict=strict, into=into)
     return found
 
 
@@ -220,7 +259,20 @@ def _family_label(family: str) -> str:
     return dit.FAMILY_NAMES.get(family, family)
 
 
-def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
+# Keys of a model variant the target lacks: said in the error, since "matches no module" alone reads like a bug.
+_VARIANTS = (
+    (re.compile(r"(^|[._])(k_img|v_img|norm_k_img|img_emb)([._]|$)"),
+     "Its image-branch keys (k_img, v_img, img_emb) are those of a Wan image-to-video model; this model has no "
+     "image branch"),
+    (re.compile(r"(^|[._])vace_"), "Its vace_ keys are those of a Wan VACE model; this model has no VACE blocks"),
+)
+
+
+def _variant_hint(keys: list[str]) -> str:
+    return "".join(f" {text}." for pattern, text in _VARIANTS if any(pattern.search(k) for k in keys))
+
+
+def _report(target, spec, found, missing, clashes, *, strict: bool, into: str | None = None) -> None:
     file_family, fam = guess_family(spec), model_family(target)
     other_family = not _same_family(file_family, fam)
     if clashes and not missing and not other_family:
@@ -231,11 +283,13 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
         warnings.warn(f"{spec.source}: skipped components {sorted(missing)} that do not fit this module", stacklevel=4)
         return
     comps = components(target)
-    denoiser = next((c for c in DENOISERS if c in comps), None)
+    denoiser = into or next((c for c in DENOISERS if c in comps), None)
 
     def shown(c: str) -> str:  # kohya's lora_unet_ names the denoiser, whatever the model calls it
         if c == ANY:
             return "none named"
+        if into is not None and c in DENOISERS + (ANY,):
+            return f"{into} (into=)"
         return f"{denoiser} (lora_unet_ keys)" if c == "unet" and denoiser == "transformer" else c
 
     keys = [p.original_key for ps in missing.values() for p in ps]
@@ -249,10 +303,10 @@ def _report(target, spec, found, missing, clashes, *, strict: bool) -> None:
     if clashes:
         parts.append(f"{len(clashes)} match modules of another shape, e.g. {clashes[0]}")
     layout = f"{spec.layout} layout; " if spec.layout else ""
-    msg = f"{spec.source}: {layout}" + "; ".join(parts) + "." + (hint + "." if hint else "")
+    msg = f"{spec.source}: {layout}" + "; ".join(parts) + "." + (hint + "." if hint else "") + _variant_hint(keys)
     # the denoiser part of the file matching nothing is not "the rest": never load only the text encoders
     denoiser_lost = any(c in DENOISERS for c in missing) and not any(
-        t.component in DENOISERS for t in found) and not isinstance(target, nn.Module)
+        t.component in EXPERTS for t in found) and not isinstance(target, nn.Module)
     if not found or denoiser_lost:
         raise KeyMappingError(msg + (f" None of the file's {denoiser or 'denoiser'} modules match, so nothing "
                                      "was loaded." if found else ""))
@@ -277,6 +331,7 @@ class Loaded:
     enabled: bool = True
     state: Any = None  # the backend's own typed record (inject: backends.inject.State); None when it keeps none
     fused: bool = False  # fuse() moved it from inject mode into the weights; unfuse() moves it back
+    into: str | None = None  # the denoiser component its denoiser keys went to (None: the default one)
     extra: dict[str, Any] = field(default_factory=dict)  # patch backend: the backup asked for, float8 rounding
 
     def strength(self, component: str, module: str = "") -> float:

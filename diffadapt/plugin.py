@@ -18,6 +18,7 @@ the per-call scale; each call turns that state into diffadapt weights and rewrit
 weight changed. So the semantics are diffusers', including its less obvious ones:
 
 * a load makes the new adapter the only active one; names default to ``default_<n>``;
+  ``load_into_transformer_2=True`` (Wan 2.2) loads the file's denoiser keys into the low-noise expert;
 * ``set_adapters(names, weights)`` activates exactly ``names``; a weight is a number, a per-component dict
   (missing components: 1.0) or, for a UNet, diffusers' per-block dict, expanded by diffusers' own
   ``_maybe_expand_lora_scales`` and resolved per module by diffusers' rule;
@@ -143,6 +144,7 @@ def _load_lora_weights(self, pretrained_model_name_or_path_or_dict: Any, adapter
                        hotswap: bool = False, **kwargs: Any) -> None:
     """diffusers' ``load_lora_weights`` for any adapter file diffadapt reads (see ``diffadapt.plugin``)."""
     allow_pickle = bool(kwargs.pop("allow_pickle", False))
+    into = "transformer_2" if kwargs.pop("load_into_transformer_2", False) else None  # Wan 2.2's low-noise expert
     source = _source(pretrained_model_name_or_path_or_dict, kwargs)
     with registry(self).lock:
         state = get_state(self)
@@ -151,22 +153,29 @@ def _load_lora_weights(self, pretrained_model_name_or_path_or_dict: Any, adapter
                 raise AdapterNotFoundError(
                     f"Trying to hotswap adapter '{adapter_name}' but there is no existing adapter by that name "
                     f"(loaded: {sorted(registry(self).adapters)}); pass hotswap=False to load a new one")
-            _hotswap(self, source, adapter_name, allow_pickle=allow_pickle)
+            _hotswap(self, source, adapter_name, allow_pickle=allow_pickle, into=into)
             return
         if adapter_name in registry(self).adapters:
             raise NameInUseError(f"Adapter name {adapter_name} already in use in the pipeline - please select a "
-                                 "new adapter name.")
+                                 "new adapter name." + (" An adapter is one name across both experts: name the "
+                                                        "low-noise half of a pair differently (e.g. "
+                                                        f"'{adapter_name}_2')." if into else ""))
         name = adapter_name or _default_name(self)
         before = state.active, dict(state.component_active)
-        state.set_active([name])  # diffusers activates the adapter it just loaded, and only it
+        held = {c: state.active_on(c) for c in components(self) if on_component(state, registry(self).adapters, c)}
+        state.set_active([name])  # diffusers activates the adapter it just loaded, and only it, where it lands
         state.adapters[name] = Adapter()
         try:
-            info = _load(self, source, name, mode="patch", allow_pickle=allow_pickle)
+            info = _load(self, source, name, mode="patch", allow_pickle=allow_pickle, into=into)
         except BaseException:  # nothing was written: put the state back
             state.adapters.pop(name, None)
             state.active, state.component_active = before
             raise
-        state.adapters[name].weight = {c: 1.0 for c in info.components}
+        landed = comps_of(registry(self).adapters[name])
+        state.adapters[name].weight = {c: 1.0 for c in landed}
+        # components the file has no keys for keep their active adapters (Wan 2.2: a low-noise file loaded into
+        # transformer_2 leaves the high-noise adapter running in transformer)
+        state.component_active = {c: names for c, names in held.items() if c not in landed}
         apply(self, state)
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+# transformer_2: Wan 2.2's low-noise expert (a second denoiser, loaded into with ``load(…, into="transformer_2")``)
+COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from configs written below and filled from a seeded ``torch.Generator``:
   one tensor at a time, so even the real-size UNets build in seconds and never
   hold two copies of their weights.
 
-Tiny pipelines (SD1, SDXL, SD3-style DiT, Flux, Wan, Qwen-Image) build in a fraction of a second and
+Tiny pipelines (SD1, SDXL, SD3-style DiT, Flux, Wan 2.1 and 2.2, Qwen-Image) build in a fraction of a second and
 run a 2-step generation in well under a second on CPU.  Real-size builders live in
 :mod:`diffadapt.architectures` (:func:`sd15_unet`, :func:`sd15_text_encoder`, :func:`sdxl_unet` are
 re-exported here); pass ``device="meta"`` to get an architecture without allocating any weights.
@@ -317,17 +317,41 @@ def tiny_wan_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, devi
     Pass ``height=16, width=16, num_frames=5`` to generate (the pipeline's defaults are Wan's real sizes).
     """
     build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+    return _finish(WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=_wan_t5(build), transformer=_wan_expert(
+        build, "transformer"), vae=_wan_vae(build), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0)))
 
-    transformer = build("transformer", lambda: WanTransformer3DModel(
+
+def tiny_wan22_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
+                        boundary_ratio: float = 0.5) -> WanPipeline:
+    """Wan-2.2-A14B-shaped text-to-video pipeline: :func:`tiny_wan_pipeline` with two experts of the same shape
+    and different weights — ``transformer`` denoises the high-noise steps (timestep ≥ ``boundary_ratio`` × 1000),
+    ``transformer_2`` the low-noise ones after the boundary.
+
+    Pass ``height=16, width=16, num_frames=5`` and ``num_inference_steps`` ≥ 2 so both experts run.
+    """
+    build = functools.partial(_build, seed=seed, dtype=dtype, device=device)
+    return _finish(WanPipeline(
+        tokenizer=_t5_tokenizer(), text_encoder=_wan_t5(build), transformer=_wan_expert(build, "transformer"),
+        transformer_2=_wan_expert(build, "transformer_2"), vae=_wan_vae(build),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), boundary_ratio=boundary_ratio))
+
+
+def _wan_expert(build, name: str) -> WanTransformer3DModel:
+    """Two Wan blocks, 2 heads of 12; its seed comes from ``name``, so the two experts differ."""
+    return build(name, lambda: WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         rope_max_seq_len=32,
     ))
-    text_encoder = build("text_encoder", lambda: T5EncoderModel(_t5_config(d_model=32)))
-    vae = build("vae", lambda: AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                                temperal_downsample=[False, True, True]))
-    return _finish(WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
-                               scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0)))
+
+
+def _wan_t5(build) -> T5EncoderModel:
+    return build("text_encoder", lambda: T5EncoderModel(_t5_config(d_model=32)))
+
+
+def _wan_vae(build) -> AutoencoderKLWan:
+    return build("vae", lambda: AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                                 temperal_downsample=[False, True, True]))
 
 
 def tiny_wan_i2v_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32,

@@ -7,6 +7,7 @@ Accepted forms (negative values allowed, 0 turns an adapter off where it applies
     {"unet": {"down": [0, .5, 1, 1], "mid": 1, "up": [1, 1, .5, 0], "default": 1}, "text_encoder": 0}
     {"transformer": {"blocks": [...], "single_blocks": [...]}, "text_encoder": {"layers": [...]}}
     {"default": 0.7, "unet": 1.0}                    "default" covers the components not named
+    {"transformer": 1.0, "transformer_2": 0.5}       Wan 2.2: the high- and the low-noise expert
     {"unet": {"modules": {"down_blocks.1.attentions.0": 0.5}, "default": 1}}   per module (longest
                                                      dotted prefix wins; used by diffusers' per-layer scales)
 
@@ -34,7 +35,8 @@ _BLOCKS = {
     "single_blocks": re.compile(r"^single_transformer_blocks\.(\d+)\."),
     "layers": re.compile(r"^(?:text_model\.)?encoder\.layers\.(\d+)\."),
 }
-_COMPONENT_KEYS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "default")
+_COMPONENT_KEYS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3",
+                   "default")
 
 
 def _number(value: Any, *, where: str) -> float:

@@ -205,3 +205,13 @@ def test_wan_t2v_file_on_i2v_model_matches_diffusers(i2v):
     ref = diffusers_reference(i2v, sd)
     assert not I2V_MODULES & set(ref)
     load_unload(copy.deepcopy(i2v), sd, ref, mode="patch")
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "musubi"])
+def test_i2v_file_on_a_t2v_model_says_so(i2v, wan, layout):
+    """The image-branch keys match nothing on a text-to-video model: the error says why, and nothing changes."""
+    sd = i2v_file(i2v.transformer, layout)
+    before = param_hashes(wan)
+    with pytest.raises(da.KeyMappingError, match="image-to-video") as info:
+        da.load(wan, sd, name="x")
+    assert "strict=False" in str(info.value) and param_hashes(wan) == before and not da.adapters(wan)

@@ -12,6 +12,7 @@ import copy
 import errno
 import json
 import math
+import re
 import struct
 import sys
 import threading
@@ -331,6 +332,188 @@ def test_hostile_source(base, files, shared, tmp_path, case, verb):
     assert state(pipe) == before
 
 
+def raw_header(tmp, entries, name="hostile.safetensors"):
+    """A safetensors file written from a header {key: (dtype, shape)}, data as a sparse hole: only the header
+    is meant to be read."""
+    size = {"F16": 2, "F32": 4}
+    header, offset = {}, 0
+    for key, (dtype, shape) in entries.items():
+        n = size[dtype] * math.prod(shape)
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp / name
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path
+
+
+def unknown_50k(tmp):
+    return raw_header(tmp, {f"model.layers.{i}.mlp.weight": ("F32", (1,)) for i in range(50_000)})
+
+
+HEADERS = [  # id, file builder, error class, needles; no model given: the bound is the largest supported layer
+    ("1e12-value tensor", lambda t: raw_header(t, {f"{MODULE}.lora_down.weight": ("F16", (1_000_000, 1_000_000)),
+                                                   f"{MODULE}.lora_up.weight": ("F16", (32, 4))}),
+     da.ShapeError, [f"'{MODULE}.lora_down.weight'", "(1000000, 1000000)", "models diffadapt supports"]),
+    ("rank above the weight", lambda t: raw_header(t, {f"{MODULE}.lora_down.weight": ("F32", (4096, 32)),
+                                                       f"{MODULE}.lora_up.weight": ("F32", (32, 4096))}),
+     da.ShapeError, [f"'{MODULE}.lora_down.weight'", "rank 4096 for a 32×32 weight"]),
+    ("PEFT rank above the weight", lambda t: raw_header(t, {"unet.x.lora_A.weight": ("F32", (512, 8)),
+                                                            "unet.x.lora_B.weight": ("F32", (16, 512))}),
+     da.ShapeError, ["'unet.x.lora_A.weight'", "rank 512 for a 16×8 weight"]),
+    ("LoHa 40000² weight", lambda t: raw_header(t, {f"{MODULE}.hada_w1_a": ("F32", (40_000, 1)),
+                                                    f"{MODULE}.hada_w1_b": ("F32", (1, 40_000)),
+                                                    f"{MODULE}.hada_w2_a": ("F32", (32, 1)),
+                                                    f"{MODULE}.hada_w2_b": ("F32", (1, 32))}),
+     da.ShapeError, [f"'{MODULE}.hada_w1_b'", "40000×40000 weight"]),
+    ("50k unknown keys", unknown_50k, da.FormatError,
+     ["50,000 of 50,000 keys", "'model.layers.0.mlp.weight', 'model.layers.1.mlp.weight'", "checkpoint"]),
+    ("1 unknown key among known", lambda t: raw_header(t, {f"{MODULE}.lora_down.weight": ("F32", (4, 32)),
+                                                           f"{MODULE}.lora_up.weight": ("F32", (32, 4)),
+                                                           "ema.step": ("F32", (1,))}),
+     da.FormatError, ["key 'ema.step' is not an adapter tensor"]),
+]
+
+
+class ReadSpy:
+    """safe_open, recording every tensor whose data is read."""
+
+    reads: list[str] = []
+
+    def __init__(self, *args, **kwargs):
+        self.inner = SAFE_OPEN(*args, **kwargs)
+
+    def __enter__(self):
+        self.f = self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+    def get_tensor(self, key):
+        ReadSpy.reads.append(key)
+        return self.f.get_tensor(key)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+SAFE_OPEN = io.safe_open
+
+
+@pytest.mark.parametrize("verb", ["inspect", "convert"])
+@pytest.mark.parametrize("case", HEADERS, ids=[c[0] for c in HEADERS])
+def test_hostile_header_without_a_model(tmp_path, monkeypatch, case, verb):
+    """inspect / convert (no model): refused from the header, no tensor data read, the error naming the key."""
+    _, build, exc, needles = case
+    source = build(tmp_path)
+    monkeypatch.setattr(io, "safe_open", ReadSpy)
+    ReadSpy.reads = []
+    dest = tmp_path / "out.safetensors"
+    with pytest.raises(exc) as e:
+        da.inspect(source) if verb == "inspect" else da.convert(source, dest, format="kohya")
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+    assert str(source) in str(e.value) and ReadSpy.reads == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
+
+
+def test_plausible_headers_still_read(tmp_path):
+    """The bounds refuse no real layout: rank above one side of the weight (LyCORIS on conv_out, 4 channels),
+    Tucker LoHa (its w1_a is (rank, out)), a full diff as large as T5-XXL's embedding."""
+    g = torch.Generator().manual_seed(0)
+    conv = {"lora_unet_conv_out.lora_down.weight": torch.randn(8, 32, 3, 3, generator=g),
+            "lora_unet_conv_out.lora_up.weight": torch.randn(4, 8, 1, 1, generator=g)}
+    tucker = {f"{MODULE}.hada_w1_a": torch.randn(4, 32, generator=g), f"{MODULE}.hada_w1_b": torch.randn(4, 32),
+              f"{MODULE}.hada_t1": torch.randn(4, 4, 1, 1), f"{MODULE}.hada_w2_a": torch.randn(4, 32),
+              f"{MODULE}.hada_w2_b": torch.randn(4, 32), f"{MODULE}.hada_t2": torch.randn(4, 4, 1, 1)}
+    for i, sd in enumerate((conv, tucker)):
+        save_file(sd, tmp_path / f"{i}.safetensors")
+        assert da.inspect(tmp_path / f"{i}.safetensors").modules == 1
+    shapes = {"lora_te2_shared.diff": (32128, 4096)}
+    io._check_header("t5", shapes, None)  # 1.3e8 values: the shape alone is checked, nothing allocated
+
+
+def big_config(tmp):
+    folder = peft_dir(tmp)
+    with open(folder / "adapter_config.json", "r+b") as f:
+        f.truncate(io.MAX_JSON_BYTES + 1)  # a hole: the size alone must refuse it
+    return folder
+
+
+def int_keys_pickle(tmp):
+    torch.save({0: torch.zeros(4, 32)}, tmp / "ints.pt")
+    return tmp / "ints.pt"
+
+
+SOURCES = [  # id, source builder, error class, needles: bad sources of every kind, each a clear error
+    ("name too long", lambda t: "x" * 5000, da.SourceError, ["not a path that can be opened", "too long"]),
+    ("state dict with int keys", lambda t: {0: torch.zeros(4, 32)}, da.FormatError, ["<state dict>", "not strings"]),
+    ("pickle with int keys", int_keys_pickle, da.FormatError, ["ints.pt", "not strings"]),
+    ("16 MiB adapter_config.json", big_config, da.FormatError, ["adapter_config.json", "16,777,217 bytes"]),
+]
+
+
+@pytest.mark.parametrize("case", SOURCES, ids=[c[0] for c in SOURCES])
+def test_bad_sources_are_named(tmp_path, case):
+    _, build, exc, needles = case
+    with pytest.raises(exc) as e:
+        da.inspect(build(tmp_path), allow_pickle=True)
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+
+
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
+                                   FileNotFoundError(errno.ENOENT, "No such file or directory")],
+                         ids=["permission", "gone since listed"])
+def test_os_refusals_are_source_errors(tmp_path, monkeypatch, error):
+    """The OS refusing a file is not a malformed file: SourceError naming it, no "truncated?" hint."""
+    save_file(lora(), tmp_path / "ink.safetensors")
+
+    def refuse(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(io, "safe_open", refuse)
+    with pytest.raises(da.SourceError) as e:
+        da.inspect(tmp_path / "ink.safetensors")
+    assert str(tmp_path / "ink.safetensors") in str(e.value) and error.strerror in str(e.value)
+    assert "truncated" not in str(e.value)
+
+
+def test_folder_of_one_pickle(tmp_path):
+    """A folder holding one checkpoint is read as a file would be once pickles are allowed, and named before."""
+    (tmp_path / "ck").mkdir()
+    torch.save(lora(), tmp_path / "ck" / "style.pt")
+    with pytest.raises(da.SourceError, match="it holds pickle files \\(style.pt\\): pass allow_pickle=True"):
+        da.inspect(tmp_path / "ck")
+    assert da.inspect(tmp_path / "ck", allow_pickle=True).modules == 1
+
+
+def test_empty_string_is_not_the_current_folder(tmp_path, monkeypatch):
+    """Path("") is "."; an empty source must not read whatever adapter sits in the working folder."""
+    save_file(lora(), tmp_path / "here.safetensors")
+    monkeypatch.chdir(tmp_path)
+    for source in ("", "  "):
+        with pytest.raises(da.SourceError, match="empty string"):
+            da.inspect(source)
+    assert da.inspect(".").modules == 1  # asked for by name, the folder is read
+
+
+def test_failed_write_removes_the_folders_it_made(tmp_path, monkeypatch):
+    save_file(lora(), tmp_path / "in.safetensors")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io, "save_file", full)
+    with pytest.raises(da.WriteError, match="No space left"):
+        da.convert(tmp_path / "in.safetensors", tmp_path / "new" / "deeper" / "out.safetensors", format="kohya")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
 def test_fp16_adapter_overflowing_an_fp16_model():
     """Finite in float32, past 65504 in float16: refused on the fp16 model, loaded on the fp32 one."""
     sd = {"lora_down.weight": torch.full((4, 32), 200.0, dtype=torch.float16),
@@ -513,6 +696,36 @@ def test_peft_folder_is_replaced_whole(saver, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["unet"]
     assert da.inspect(dest).components == {"unet": da.adapters(saver)["u"].modules}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old siblings left
+
+
+FOLDERS = [  # id, format, destination (a folder under tmp), what the user keeps there, needle
+    ("kohya onto a folder", "kohya", "loras", {"mine.safetensors": b"x"}, "one .safetensors file"),
+    ("peft file onto a folder", "peft", "loras.safetensors", {"mine.safetensors": b"x"}, "one .safetensors file"),
+    ("peft onto a folder with other files", "peft", "out", {"adapter_config.json": b"{}", "notes.txt": b"x"},
+     "(notes.txt)"),
+    ("peft onto a component folder with other files", "peft", "out", {"unet/adapter_config.json": b"{}",
+                                                                      "unet/train.log": b"x"}, "(unet/train.log)"),
+]
+
+
+@pytest.mark.parametrize("case", FOLDERS, ids=[c[0] for c in FOLDERS])
+def test_overwrite_never_deletes_other_files(tmp_path, capsys, case):
+    """overwrite replaces a destination whole; a folder holding anything an output of that kind would not
+    hold is refused, even with overwrite (CLI: --force), and kept as it was."""
+    _, fmt, name, kept, needle = case
+    q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # dotted names: no model needed
+    save_file({f"{q}.lora_A.weight": torch.randn(4, 32), f"{q}.lora_B.weight": torch.randn(32, 4)},
+              tmp_path / "in.safetensors")
+    dest = tmp_path / name
+    for rel, data in kept.items():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_bytes(data)
+    with pytest.raises(da.DiffAdaptError, match=re.escape(needle)):
+        da.convert(tmp_path / "in.safetensors", dest, format=fmt, overwrite=True)
+    assert main(["convert", str(tmp_path / "in.safetensors"), str(dest), "--format", fmt, "--force"]) == 2
+    assert needle in capsys.readouterr().err
+    assert {str(p.relative_to(dest)): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.safetensors", name])
 
 
 @pytest.mark.parametrize("error", [SafetensorError("disk full"), OSError(errno.ENOSPC, "No space left on device"),

@@ -88,3 +88,26 @@ def test_cli_merge_of_mixed_methods_and_errors(setup, capsys):
     assert "cat" in capsys.readouterr().err
     assert main(["merge", str(tmp / "missing.safetensors"), "--out", str(tmp / "x.safetensors")]) == 2
     assert not (tmp / "c.safetensors").exists() and not (tmp / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("family,key,dim", [("flux", "lora_unet_double_blocks_0_img_attn_proj", 3072),
+                                            ("sd3", "lora_unet_joint_blocks_0_x_block_attn_proj", 2432)])
+def test_cli_merge_with_a_built_in_dit_model(tmp_path, family, key, dim, capsys):
+    """--model flux / sd3 name the built-in module trees (as convert's --model does): an exact cat merge of two
+    one-module files stacks the ranks on that one module."""
+    import torch
+    from safetensors.torch import load_file
+
+    paths = []
+    for i, rank in enumerate((2, 3)):
+        g = torch.Generator().manual_seed(i)
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_file({f"{key}.lora_down.weight": torch.randn(rank, dim, generator=g),
+                   f"{key}.lora_up.weight": torch.randn(dim, rank, generator=g),
+                   f"{key}.alpha": torch.tensor(float(rank))}, str(paths[-1]))
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", f"{paths[0]}:0.5", str(paths[1]), "--method", "cat", "--model", family, "--out", str(out)]) == 0
+    merged = load_file(str(out))
+    downs = [k for k in merged if k.endswith(".lora_down.weight")]
+    assert len(downs) == 1 and merged[downs[0]].shape == (5, dim)
+    assert merged[downs[0].replace("lora_down", "lora_up")].shape == (dim, 5)

@@ -267,7 +267,9 @@ def test_every_option_has_help_and_diffusers_names(capsys, monkeypatch):
                  "train_text_encoder", "validation_prompt", "validation_epochs", "gradient_checkpointing",
                  "gradient_accumulation_steps", "mixed_precision", "use_8bit_adam", "max_grad_norm", "report_to",
                  "center_crop", "random_flip", "method", "alpha", "cache_latents", "snr_gamma", "noise_offset",
-                 "save_format"]:
+                 "save_format", "text_encoder_lr", "adam_weight_decay_text_encoder", "guidance_scale",
+                 "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs",
+                 "max_sequence_length", "lora_alpha", "lora_dropout", "lora_layers"]:
         assert f"--{flag}" in names, flag
     assert cli_main(["train", "--help"]) == 0
     assert "--pretrained_model_name_or_path" in capsys.readouterr().out
@@ -314,6 +316,10 @@ def _bad_inputs(tmp_path, models, images):
         (["--pretrained_model_name_or_path", str(models / "flux"), "--resolution", "18"], "multiple of 4"),
         (["--pretrained_model_name_or_path", str(models / "sd3"), "--snr_gamma", "5"], "flow matching"),
         (["--resume_from_checkpoint", str(empty)], "not a complete checkpoint"),
+        (["--method", "loha", "--lora_dropout", "0.1"], "--lora_dropout: LoRA only; loha has no such dropout"),
+        (["--lora_dropout", "1"], "--lora_dropout 1.0: must be in [0, 1)"),
+        (["--learning_rate", "0"], "--learning_rate 0.0: must be positive"),
+        (["--adam_weight_decay_text_encoder", "-1"], "--adam_weight_decay_text_encoder -1.0: must not be negative"),
     ]
 
 

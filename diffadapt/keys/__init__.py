@@ -7,6 +7,8 @@ as the method registry knows them), the prefix the component and naming style.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Iterable
+
 import torch
 
 from ..errors import DiffAdaptError, FormatError, NonFiniteError
@@ -18,14 +20,42 @@ from .index import ModuleIndex
 
 ANY = "*"  # a component not named by the file: whichever one the module resolves in
 
-__all__ = ["ANY", "ModuleIndex", "build_spec", "configs_of", "split"]
+__all__ = ["ANY", "ModuleIndex", "build_spec", "configs_of", "split", "unknown_keys"]
+
+
+_SUFFIXES = frozenset(ALL_SUFFIXES)
+_DEPTH = max(s.count(".") for s in ALL_SUFFIXES) + 1  # the most dot-separated parts a suffix has
 
 
 def _suffix(key: str) -> str | None:
-    for s in ALL_SUFFIXES:
-        if key.endswith("." + s):
+    """The longest known tensor suffix ending the key after a '.', by set look-ups (files have 10⁴+ keys)."""
+    parts = key.rsplit(".", _DEPTH)
+    for i in range(1, len(parts)):  # longest first
+        s = ".".join(parts[i:])
+        if s in _SUFFIXES:
             return s
     return None
+
+
+def normalize(key: str) -> str:
+    """A key as ``split`` reads it: legacy diffusers and DiT spellings rewritten to the suffixes methods know."""
+    return dit.rewrite_key(rewrite_legacy(key))
+
+
+def unknown_keys(names: Iterable[str]) -> list[str]:
+    """The keys no adapter method knows, in order: one pass over names alone, so a file can be refused from
+    its header before its data is read."""
+    return [k for k in names if _suffix(normalize(k)) is None]
+
+
+def unknown_key_error(where: str, unknown: list[str], total: int) -> FormatError:
+    """One error for all of them: the first few named, the count given."""
+    shown = ", ".join(f"'{k}'" for k in unknown[:3]) + (", …" if len(unknown) > 3 else "")
+    if len(unknown) == 1:
+        return FormatError(f"{where}: key {shown} is not an adapter tensor diffadapt knows")
+    hint = " (a model checkpoint rather than an adapter?)" if len(unknown) == total else ""
+    return FormatError(f"{where}: {len(unknown):,} of {total:,} keys are not adapter tensors diffadapt knows: "
+                       f"{shown}{hint}")
 
 
 def classify(module: str) -> tuple[str, str, bool, str]:
@@ -58,12 +88,13 @@ def configs_of(raw: RawAdapter) -> dict[str, dict]:
 
 def split(raw: RawAdapter, configs: dict[str, dict]) -> list[ModuleGroup]:
     """Group a file's tensors by module, each with its suffixes and (PEFT) resolved config."""
+    unknown = unknown_keys(raw.tensors)
+    if unknown:
+        raise unknown_key_error(str(raw.source), unknown, len(raw.tensors))
     groups: dict[tuple[str, str], ModuleGroup] = {}
     for key, tensor in raw.tensors.items():
-        k = dit.rewrite_key(rewrite_legacy(key))
+        k = normalize(key)
         suffix = _suffix(k)
-        if suffix is None:
-            raise FormatError(f"{raw.source}: key '{key}' is not an adapter tensor diffadapt knows")
         component, module_key, dotted, fmt = classify(k[: -len(suffix) - 1])
         group = groups.get((component, module_key))
         if group is None:

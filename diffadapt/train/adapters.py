@@ -11,13 +11,16 @@ def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def peft_config(method: str, *, rank: int, alpha: float, targets: list[str], model: torch.nn.Module):
+def peft_config(method: str, *, rank: int, alpha: float, targets: list[str], model: torch.nn.Module,
+                dropout: float = 0.0):
     """The peft config of ``method``. ``rank`` is the LoRA/LoHa/LoKr rank, OFT's block size, and
     for WaveFT the number of trained coefficients of a rank-``rank`` LoRA on each layer (same budget)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, WaveFTConfig
 
     if method == "lora":
-        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True)
+        # A ~ N(0, 1/r), B = 0: the init of every diffusers DreamBooth LoRA script
+        return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                          init_lora_weights="gaussian")
     if method == "loha":
         return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, init_weights=True)
     if method == "lokr":

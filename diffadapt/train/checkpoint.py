@@ -52,6 +52,27 @@ def read_progress(path: Path) -> dict:
     return json.loads((path / PROGRESS).read_text())
 
 
+def settings(config, family: str) -> dict:
+    """What a checkpoint's adapters are shaped and scaled by: a resume must use the same."""
+    return {"family": family, "method": config.method, "rank": config.rank, "alpha": config.network_alpha,
+            "train_text_encoder": config.train_text_encoder, "lora_layers": config.lora_layers}
+
+
+def check_compatible(path: Path, current: dict) -> None:
+    """Refuse to resume ``path`` under other adapter settings (a traceback deep in peft, or silently other
+    weights, otherwise)."""
+    try:
+        saved = read_progress(path).get("settings")
+    except (OSError, ValueError) as e:
+        raise TrainInputError(f"--resume_from_checkpoint {path}: unreadable {PROGRESS} ({e})") from None
+    if not saved:  # written before settings were recorded
+        return
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            raise TrainInputError(f"--resume_from_checkpoint {path}: trained with {key} {saved[key]!r}, this run "
+                                  f"has {value!r} (resume with the same options)")
+
+
 def clean_partial(output_dir: Path) -> None:
     """Remove temp folders a killed save left behind."""
     if output_dir.is_dir():

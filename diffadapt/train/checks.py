@@ -8,7 +8,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint
+import math
+
+from . import checkpoint, flow
 from .adapters import KOHYA_METHODS
 from .args import TrainConfig
 from .data import TrainInputError, check_images, list_images
@@ -22,12 +24,14 @@ class Plan:
     instance_images: list[Path]
     class_dir: Path | None
     resume: Path | None
+    config: TrainConfig  # with the family's defaults filled in
+    flow: flow.FlowOptions | None = None  # SD3/Flux timestep density and loss weighting
 
 
 def _positive(config: TrainConfig) -> None:
     if config.max_train_steps is not None and config.max_train_steps < 1:
         raise TrainInputError(f"--max_train_steps {config.max_train_steps}: must be at least 1")
-    for flag in ("num_train_epochs", "resolution", "rank", "train_batch_size", "gradient_accumulation_steps",
+    for flag in ("num_train_epochs", "rank", "train_batch_size", "gradient_accumulation_steps",
                  "checkpointing_steps", "sample_batch_size", "num_validation_images", "validation_epochs"):
         if getattr(config, flag) < 1:
             raise TrainInputError(f"--{flag} {getattr(config, flag)}: must be at least 1")
@@ -35,10 +39,14 @@ def _positive(config: TrainConfig) -> None:
         raise TrainInputError(f"--checkpoints_total_limit {config.checkpoints_total_limit}: must be at least 1")
     if config.with_prior_preservation and config.num_class_images < 1:
         raise TrainInputError(f"--num_class_images {config.num_class_images}: must be at least 1")
-    if config.learning_rate <= 0:
-        raise TrainInputError(f"--learning_rate {config.learning_rate}: must be positive")
-    for flag in ("lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "noise_offset", "prior_loss_weight"):
-        if getattr(config, flag) < 0:
+    if config.resolution is not None and config.resolution < 1:
+        raise TrainInputError(f"--resolution {config.resolution}: must be at least 1")
+    for flag in ("learning_rate", "text_encoder_lr"):
+        if getattr(config, flag) is not None and not getattr(config, flag) > 0:
+            raise TrainInputError(f"--{flag} {getattr(config, flag)}: must be positive")
+    for flag in ("lr_warmup_steps", "dataloader_num_workers", "max_grad_norm", "noise_offset", "prior_loss_weight",
+                 "adam_weight_decay", "adam_weight_decay_text_encoder"):
+        if getattr(config, flag) is not None and getattr(config, flag) < 0:
             raise TrainInputError(f"--{flag} {getattr(config, flag)}: must not be negative")
 
 
@@ -75,8 +83,43 @@ def _output(config: TrainConfig, output_dir: Path) -> Path | None:
     return resume
 
 
+def _flow(config: TrainConfig, family: Family) -> flow.FlowOptions | None:
+    given = [f"--{k}" for k in flow.FLAGS if getattr(config, k) is not None]
+    if not family.flow:
+        if given:
+            raise TrainInputError(f"{', '.join(given)}: flow-matching options (SD3, Flux); {family.name} is a DDPM "
+                                  "model (its loss weighting is --snr_gamma)")
+        return None
+    opts = flow.options(family.name, config)
+    if not (math.isfinite(opts.logit_std) and opts.logit_std > 0) or not math.isfinite(opts.logit_mean):
+        raise TrainInputError(f"--logit_mean {opts.logit_mean} --logit_std {opts.logit_std}: need finite values "
+                              "and a positive std")
+    if not -1.0 <= opts.mode_scale <= 2 / (math.pi - 2):  # SD3 paper, sec. 3.1: else the density leaves [0, 1]
+        raise TrainInputError(f"--mode_scale {opts.mode_scale}: must be in [-1, {2 / (math.pi - 2):.4f}]")
+    return opts
+
+
+def _text_options(config: TrainConfig, family: Family) -> None:
+    length = config.max_sequence_length
+    if config.guidance_scale is not None and family.name != "flux":
+        raise TrainInputError(f"--guidance_scale: the guidance value of Flux's guidance-distilled models; "
+                              f"{family.name} trains without one")
+    if length is None:
+        return
+    if not family.flow:
+        raise TrainInputError(f"--max_sequence_length: the T5 prompt length of SD3/Flux; {family.name} has no T5")
+    if length < 1:
+        raise TrainInputError(f"--max_sequence_length {length}: must be at least 1")
+    if family.name == "flux" and length > 512:  # FluxPipeline refuses more too
+        raise TrainInputError(f"--max_sequence_length {length}: Flux takes at most 512")
+
+
 def check(config: TrainConfig) -> Plan:
     _positive(config)
+    if not 0 <= config.lora_dropout < 1:
+        raise TrainInputError(f"--lora_dropout {config.lora_dropout}: must be in [0, 1)")
+    if config.lora_dropout and config.method != "lora":
+        raise TrainInputError(f"--lora_dropout: LoRA only; {config.method} has no such dropout")
     if "kohya" in config.save_format and config.method not in KOHYA_METHODS:
         raise TrainInputError(f"--save_format kohya: {config.method} has no kohya/LyCORIS form (only "
                               f"{', '.join(KOHYA_METHODS)}); use --save_format diffusers and/or peft")
@@ -97,7 +140,13 @@ def check(config: TrainConfig) -> Plan:
     family = detect(index, where=config.pretrained_model_name_or_path)
     if config.snr_gamma is not None and family.flow:
         raise TrainInputError(f"--snr_gamma: Min-SNR weighting is for DDPM models; {family.name} uses flow matching")
+    flow_options = _flow(config, family)
+    _text_options(config, family)
+    config = config.with_family_defaults(family.name)
     _latent_grid(Path(config.pretrained_model_name_or_path).expanduser(), family, config.resolution)
     output_dir = Path(config.output_dir).expanduser()
     resume = _output(config, output_dir)
-    return Plan(family=family, output_dir=output_dir, instance_images=instance, class_dir=class_dir, resume=resume)
+    if resume is not None:
+        checkpoint.check_compatible(resume, checkpoint.settings(config, family.name))
+    return Plan(family=family, output_dir=output_dir, instance_images=instance, class_dir=class_dir, resume=resume,
+                config=config, flow=flow_options)

@@ -73,19 +73,22 @@ class Prepared:
 
 def prepare(img: Image.Image, *, resolution: int, center_crop: bool, flip: bool, gen: np.random.Generator
             ) -> Prepared:
-    """Resize the short side to ``resolution`` (bilinear, as diffusers' scripts), crop a square, maybe flip."""
+    """Resize the short side to ``resolution`` (bilinear), maybe flip, crop a square — in the SDXL script's order
+    (so SDXL's crop coordinates are those of the flipped image) and with the sizes of its torchvision ``Resize``
+    (long side truncated) and ``CenterCrop`` (offset rounded)."""
     original = (img.height, img.width)
-    scale = resolution / min(img.size)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
+    short, long = sorted(img.size)
+    long = int(resolution * long / short)
+    size = (resolution, long) if img.width == short else (long, resolution)
     img = img.resize(size, Image.BILINEAR)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if center_crop:
-        top, left = (img.height - resolution) // 2, (img.width - resolution) // 2
+        top, left = int(round((img.height - resolution) / 2.0)), int(round((img.width - resolution) / 2.0))
     else:
         top = int(gen.integers(0, img.height - resolution + 1))
         left = int(gen.integers(0, img.width - resolution + 1))
     img = img.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
     return Prepared(pixels, original, (top, left))
 
@@ -166,6 +169,30 @@ class BatchPlan:
         order = rng(self.seed, 0, epoch).permutation(self.n_items)
         start = (b * self.world + self.rank) * self.batch_size
         return [(int(order[k % self.n_items]), epoch) for k in range(start, start + self.batch_size)]
+
+
+@dataclass(frozen=True)
+class Accumulation:
+    """Which micro-batches make one optimizer step, as in diffusers' scripts under accelerate: windows of
+    ``steps`` micro-batches that restart at every epoch, the epoch's last window possibly shorter (accelerate
+    syncs at the end of the dataloader), so an epoch is ``ceil(per_epoch / steps)`` optimizer steps."""
+
+    per_epoch: int
+    steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.per_epoch / self.steps)
+
+    def first_micro(self, step: int) -> int:
+        """The micro-batch that optimizer step ``step`` (0-based) starts with."""
+        epoch, s = divmod(step, self.steps_per_epoch)
+        return epoch * self.per_epoch + min(s * self.steps, self.per_epoch)
+
+    def position(self, micro: int) -> tuple[int, bool]:
+        """(index of ``micro`` in its window, whether it ends the window)."""
+        p = micro % self.per_epoch
+        return p % self.steps, (p + 1) % self.steps == 0 or p == self.per_epoch - 1
 
 
 class _Sampler(torch.utils.data.Sampler):

@@ -44,6 +44,9 @@ def metadata(config, *, n_images: int, seed: int, family: str, steps: int) -> di
         "ss_tag_frequency": json.dumps({Path(config.instance_data_dir).name: {config.instance_prompt: n_images}}),
         "ss_max_train_steps": str(steps),
         "ss_learning_rate": str(config.learning_rate),
+        "ss_unet_lr": str(config.learning_rate),
+        **({"ss_text_encoder_lr": str(config.text_encoder_lr or config.learning_rate)}
+           if config.train_text_encoder else {}),
         "ss_resolution": f"({config.resolution}, {config.resolution})",
         "ss_seed": str(seed),
         "ss_num_train_images": str(n_images),
@@ -78,10 +81,10 @@ def write(adapters: dict[str, dict[str, torch.Tensor]], peft_configs: dict, *, o
     spec.metadata.update(meta)
     made = []
     if "diffusers" in formats:
-        da.convert(spec, stage / DIFFUSERS_FILE, to="peft", model=pipe, single_file=True)
+        da.convert(spec, stage / DIFFUSERS_FILE, format="peft", model=pipe, single_file=True)
         made.append(DIFFUSERS_FILE)
     if "kohya" in formats:
-        da.convert(spec, stage / KOHYA_FILE, to="kohya", model=pipe)
+        da.convert(spec, stage / KOHYA_FILE, format="kohya", model=pipe)
         made.append(KOHYA_FILE)
     if "peft" in formats:
         for name in adapters:

@@ -3,9 +3,9 @@ the denoiser is called and supervised.
 
 SD1/SD2 and SDXL are DDPM models (epsilon or v-prediction from the scheduler config; SDXL adds its pooled text
 embedding and size/crop time ids); SD3 and Flux are flow-matching transformers (the target is the velocity
-``noise - latents``; timesteps are drawn uniformly from the scheduler's shifted table). Prompt encoding follows
-each pipeline's own ``encode_prompt`` (a test checks they agree) but runs through the accelerate-prepared text
-encoders, so their adapters train under DDP.
+``noise - latents``; timesteps from the scheduler's shifted table, drawn and weighted as in ``flow``). Prompt
+encoding follows each pipeline's own ``encode_prompt`` (a test checks they agree) but runs through the
+accelerate-prepared text encoders, so their adapters train under DDP.
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import flow
 from .data import TrainInputError
 
 CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 MMDIT_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                  "attn.add_v_proj", "attn.to_add_out"]
+# the Flux script also adapts the double blocks' feed-forwards
+FLUX_TARGETS = MMDIT_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ FAMILIES = {
     "StableDiffusion3Pipeline": Family("sd3", "transformer", tuple(MMDIT_TARGETS),
                                        ("text_encoder", "text_encoder_2", "text_encoder_3"),
                                        ("text_encoder", "text_encoder_2"), True),
-    "FluxPipeline": Family("flux", "transformer", tuple(MMDIT_TARGETS), ("text_encoder", "text_encoder_2"),
+    "FluxPipeline": Family("flux", "transformer", tuple(FLUX_TARGETS), ("text_encoder", "text_encoder_2"),
                            ("text_encoder",), True),
 }
 
@@ -111,8 +114,10 @@ def noise_scheduler(family: Family, pipe):
 # --------------------------------------------------------------------------- prompts
 
 
-def tokenize(family: Family, pipe, prompt: str) -> list[torch.Tensor | None]:
-    """Token ids per text encoder (None where the pipeline has no such encoder)."""
+def tokenize(family: Family, pipe, prompt: str, *, max_sequence_length: int | None = None
+             ) -> list[torch.Tensor | None]:
+    """Token ids per text encoder (None where the pipeline has no such encoder); T5 prompts padded to
+    ``max_sequence_length`` (default: the pipeline's, 256 for SD3 and 512 for Flux)."""
     out = []
     for i, name in enumerate(family.text_encoders):
         tok = getattr(pipe, "tokenizer" if i == 0 else f"tokenizer_{i + 1}", None)
@@ -120,14 +125,15 @@ def tokenize(family: Family, pipe, prompt: str) -> list[torch.Tensor | None]:
             out.append(None)
             continue
         t5 = (family.name == "sd3" and i == 2) or (family.name == "flux" and i == 1)
-        length = min(tok.model_max_length, 256 if family.name == "sd3" else 512) if t5 else tok.model_max_length
+        length = (max_sequence_length or min(tok.model_max_length, 256 if family.name == "sd3" else 512)) if t5 \
+            else tok.model_max_length
         out.append(tok(prompt, padding="max_length", max_length=length, truncation=True,
                        return_tensors="pt").input_ids)
     return out
 
 
-def encode(family: Family, encoders: list, ids: list[torch.Tensor | None], *, joint_dim: int | None = None
-           ) -> dict[str, torch.Tensor]:
+def encode(family: Family, encoders: list, ids: list[torch.Tensor | None], *, joint_dim: int | None = None,
+           t5_length: int = 256) -> dict[str, torch.Tensor]:
     """Conditioning for one prompt (batch 1): ``hidden`` and, for SDXL/SD3/Flux, ``pooled``."""
     if family.name == "sd1":
         return {"hidden": encoders[0](ids[0].to(_device(encoders[0])))[0]}
@@ -148,7 +154,7 @@ def encode(family: Family, encoders: list, ids: list[torch.Tensor | None], *, jo
         if encoders[2] is not None:
             t5 = encoders[2](ids[2].to(_device(encoders[2])))[0]
         else:  # the pipeline's own stand-in when the model ships without T5
-            t5 = torch.zeros(1, 256, joint_dim, dtype=clip.dtype, device=clip.device)
+            t5 = torch.zeros(1, t5_length, joint_dim, dtype=clip.dtype, device=clip.device)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return {"hidden": torch.cat([clip, t5.to(clip.dtype)], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
     # flux
@@ -175,28 +181,32 @@ def to_latents(family: Family, vae_config, sample: torch.Tensor) -> torch.Tensor
 class Noised:
     noisy: torch.Tensor
     timesteps: torch.Tensor
-    target: torch.Tensor
+    target: torch.Tensor  # DDPM: noise or velocity; flow: the velocity noise - latents
+    latents: torch.Tensor
+    noise: torch.Tensor
+    sigmas: torch.Tensor | None = None  # flow: (B, 1, 1, 1)
 
 
 def add_noise(family: Family, scheduler, latents: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> Noised:
-    """``u`` in [0, 1) per sample picks the timestep (the caller draws it from its own generator)."""
+    """``u`` in [0, 1] per sample picks the timestep (the caller draws it from its own generator)."""
+    if family.flow:  # diffusers' SD3/Flux scripts: timesteps[idx], get_sigmas, (1 - sigma) x + sigma noise
+        idx = flow.table_index(scheduler, u).to(scheduler.timesteps.device)
+        timesteps = scheduler.timesteps[idx].to(latents.device)
+        sigma = scheduler.sigmas.to(device=latents.device, dtype=latents.dtype)[idx.to(latents.device)]
+        sigma = sigma.view(-1, *([1] * (latents.ndim - 1)))
+        return Noised((1.0 - sigma) * latents + sigma * noise, timesteps, noise - latents, latents, noise, sigma)
     n = scheduler.config.num_train_timesteps
-    idx = (u * n).long().clamp_(max=n - 1)
-    if family.flow:
-        timesteps = scheduler.timesteps.to(latents.device)[idx]
-        sigma = scheduler.sigmas.to(device=latents.device, dtype=latents.dtype)[idx].view(-1, 1, 1, 1)
-        return Noised((1.0 - sigma) * latents + sigma * noise, timesteps, noise - latents)
-    timesteps = idx.to(latents.device)
+    timesteps = (u * n).long().clamp_(max=n - 1).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    return Noised(noisy, timesteps, target)
+    return Noised(noisy, timesteps, target, latents, noise)
 
 
 def predict(family: Family, denoiser, noised: Noised, cond: dict[str, torch.Tensor], *, batch: dict,
-            resolution: int, vae_scale: int, guidance: float, dtype: torch.dtype) -> torch.Tensor:
+            resolution: int, vae_scale: int, guidance: float | None, dtype: torch.dtype) -> torch.Tensor:
     x, t = noised.noisy.to(dtype), noised.timesteps
     hidden = cond["hidden"].to(dtype)
     if family.name == "sd1":
@@ -217,7 +227,7 @@ def predict(family: Family, denoiser, noised: Noised, cond: dict[str, torch.Tens
     txt_ids = torch.zeros(hidden.shape[1], 3, device=x.device, dtype=dtype)
     config = getattr(denoiser, "module", denoiser).config
     g = torch.full((b,), guidance, device=x.device, dtype=torch.float32) if config.guidance_embeds else None
-    out = denoiser(hidden_states=packed, timestep=t.to(dtype) / 1000, guidance=g,
+    out = denoiser(hidden_states=packed, timestep=t / 1000, guidance=g,
                    pooled_projections=cond["pooled"].to(dtype), encoder_hidden_states=hidden, txt_ids=txt_ids,
                    img_ids=img_ids, return_dict=False)[0]
     return FluxPipeline._unpack_latents(out, h * vae_scale, w * vae_scale, vae_scale)

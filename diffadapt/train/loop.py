@@ -1,9 +1,10 @@
 """The training run: checks, model, adapters, accelerate, the step loop, checkpoints, validation, export.
 
-Reproducibility: every random draw of a micro-batch (VAE sample, noise, timestep, offset noise) comes from a
-generator seeded by (seed, micro-batch, rank), and data order/augmentation from (seed, epoch, index) — so a
-run resumed from a checkpoint (adapters, optimizer, LR schedule restored by accelerate) continues bit for bit
-as the uninterrupted run would, and every rank draws its own noise.
+Reproducibility: every random draw of a micro-batch (VAE sample, noise, offset noise, timestep) comes from a
+generator seeded by (seed, micro-batch, rank), the global RNG (dropout) is reseeded from the same key, and data
+order/augmentation come from (seed, epoch, index) — so a run resumed from a checkpoint (adapters, optimizer,
+LR schedule restored by accelerate) continues bit for bit as the uninterrupted run would, and every rank draws
+its own noise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, export, families
+from . import checkpoint, data, export, families, flow
 from .adapters import inject, peft_config
 from .args import TrainConfig
 from .checks import Plan, check
@@ -100,14 +101,35 @@ def _class_images(config: TrainConfig, plan: Plan, pipe, accelerator, seed: int,
     return have[: config.num_class_images]
 
 
-def _optimizer(config: TrainConfig, params, lr: float):
+def _denoiser_targets(config: TrainConfig, family, denoiser: torch.nn.Module) -> list[str]:
+    """--lora_layers (each must name a Linear or Conv layer of the denoiser), or the family's defaults."""
+    if config.lora_layers is None:
+        return list(family.targets)
+    wanted = [t.strip() for t in config.lora_layers.split(",") if t.strip()]
+    layers = [n for n, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    missing = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in layers)]
+    if not wanted or missing:
+        raise data.TrainInputError(f"--lora_layers {config.lora_layers!r}: {', '.join(missing) or 'empty'} names no "
+                                   f"Linear/Conv layer of the {family.denoiser}")
+    return wanted
+
+
+def _optimizer(config: TrainConfig, groups: dict[str, list[torch.nn.Parameter]], lr: float, *, denoiser: str):
+    """AdamW over the denoiser's adapter and, in their own group, the text encoders' (diffusers' scripts:
+    --text_encoder_lr / --adam_weight_decay_text_encoder, which SD1 leaves at the denoiser's values)."""
+    te = [p for name, group in groups.items() if name != denoiser for p in group]
+    param_groups = [{"params": groups[denoiser], "lr": lr, "weight_decay": config.adam_weight_decay}]
+    if te:
+        param_groups.append({"params": te, "lr": lr if config.text_encoder_lr is None else config.text_encoder_lr,
+                             "weight_decay": config.adam_weight_decay if config.adam_weight_decay_text_encoder is None
+                             else config.adam_weight_decay_text_encoder})
     kwargs = dict(lr=lr, betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
     if config.use_8bit_adam:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
 
 
 def _cache_latents(dataset: data.DreamBoothDataset, vae, *, batch: int, flips: bool, device, dtype,
@@ -128,9 +150,27 @@ def _cache_latents(dataset: data.DreamBoothDataset, vae, *, batch: int, flips: b
     dataset.cache = cache
 
 
-def _encode(family, encoders, ids, joint_dim, *, grad: bool) -> dict[str, torch.Tensor]:
+def _encode(family, encoders, ids, joint_dim, t5_length, *, grad: bool) -> dict[str, torch.Tensor]:
     with torch.set_grad_enabled(grad):
-        return families.encode(family, encoders, ids, joint_dim=joint_dim)
+        return families.encode(family, encoders, ids, joint_dim=joint_dim, t5_length=t5_length or 256)
+
+
+def _loss(config: TrainConfig, plan: Plan, scheduler, pred: torch.Tensor, noised: families.Noised,
+          n: int) -> torch.Tensor:
+    """diffusers' DreamBooth loss: batch = n instance examples, then class examples (prior preservation)."""
+    if plan.family.flow:
+        return flow.loss(plan.flow, pred, noisy=noised.noisy, latents=noised.latents, noise=noised.noise,
+                         sigmas=noised.sigmas, n_instance=n, prior_loss_weight=config.prior_loss_weight)
+    pred, target = pred.float(), noised.target.float()
+    if config.snr_gamma is not None:  # Min-SNR on the instance part (train_text_to_image_lora*.py's weights)
+        weights = families.snr_weights(scheduler, noised.timesteps[:n], config.snr_gamma)
+        per = F.mse_loss(pred[:n], target[:n], reduction="none").mean(dim=list(range(1, pred.ndim)))
+        loss = (per * weights).mean()
+    else:
+        loss = F.mse_loss(pred[:n], target[:n])
+    if pred.shape[0] > n:
+        loss = loss + config.prior_loss_weight * F.mse_loss(pred[n:], target[n:])
+    return loss
 
 
 def _validate(config: TrainConfig, pipe, accelerator, *, step: int, seed: int, models, tag: str) -> None:
@@ -143,8 +183,9 @@ def _validate(config: TrainConfig, pipe, accelerator, *, step: int, seed: int, m
     with torch.no_grad(), accelerator.autocast():
         for i in range(config.num_validation_images):
             gen = torch.Generator("cpu").manual_seed(data.torch_seed(seed, 5, i))
+            t5 = {} if config.max_sequence_length is None else {"max_sequence_length": config.max_sequence_length}
             images += pipe(prompt=config.validation_prompt, generator=gen, height=config.resolution,
-                           width=config.resolution).images
+                           width=config.resolution, **t5).images  # conditioned as in training
     folder = Path(config.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
@@ -165,6 +206,7 @@ def _validate(config: TrainConfig, pipe, accelerator, *, step: int, seed: int, m
 def train(config: TrainConfig) -> TrainResult:
     """Run DreamBooth training as configured; returns the per-step losses and the files written."""
     plan = check(config)  # everything that can fail before the model loads
+    config = plan.config  # the family's defaults filled in
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -196,26 +238,30 @@ def train(config: TrainConfig) -> TrainResult:
     trained = {family.denoiser: denoiser}
     if config.train_text_encoder:
         trained.update({n: getattr(pipe, n) for n in family.trainable_encoders if getattr(pipe, n, None) is not None})
-    peft_configs, params = {}, []
+    peft_configs, groups = {}, {}
     for name, module in trained.items():
-        targets = list(family.targets) if name == family.denoiser else CLIP_TARGETS
+        targets = _denoiser_targets(config, family, module) if name == family.denoiser else CLIP_TARGETS
         peft_configs[name] = peft_config(config.method, rank=config.rank, alpha=config.network_alpha,
-                                         targets=targets, model=module)
-        params += inject(module, peft_configs[name])
+                                         targets=targets, model=module, dropout=config.lora_dropout)
+        groups[name] = inject(module, peft_configs[name])
+    params = [p for group in groups.values() for p in group]
     if config.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         for name in trained:
             if name != family.denoiser:
-                trained[name].gradient_checkpointing_enable()
+                enc = trained[name]  # transformers >= 5 renamed it (the old name warns, and goes in v6)
+                enable = getattr(enc, "activation_checkpointing_enable", None) or enc.gradient_checkpointing_enable
+                enable()
 
     dataset = data.DreamBoothDataset(instance=plan.instance_images, classes=classes, resolution=config.resolution,
                                      center_crop=config.center_crop, random_flip=config.random_flip, seed=seed)
     batches = data.BatchPlan(n_items=len(dataset), batch_size=config.train_batch_size, world=world, rank=rank,
                              seed=seed)
     ga = config.gradient_accumulation_steps
-    max_steps = config.max_train_steps or config.num_train_epochs * math.ceil(batches.per_epoch / ga)
+    windows = data.Accumulation(per_epoch=batches.per_epoch, steps=ga)
+    max_steps = config.max_train_steps or config.num_train_epochs * windows.steps_per_epoch
     lr = config.learning_rate * (ga * config.train_batch_size * world if config.scale_lr else 1)
-    optimizer = _optimizer(config, params, lr)
+    optimizer = _optimizer(config, groups, lr, denoiser=family.denoiser)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)
@@ -228,13 +274,15 @@ def train(config: TrainConfig) -> TrainResult:
     joint_dim = getattr(joint_dim, "joint_attention_dim", None)
     run_encoders = [models[list(trained).index(n)] if n in trained else e
                     for n, e in zip(family.text_encoders, encoders)]
-    ids = {"instance": families.tokenize(family, pipe, config.instance_prompt)}
+    t5_length = config.max_sequence_length
+    ids = {"instance": families.tokenize(family, pipe, config.instance_prompt, max_sequence_length=t5_length)}
     if classes:
-        ids["class"] = families.tokenize(family, pipe, config.class_prompt or config.instance_prompt)
+        ids["class"] = families.tokenize(family, pipe, config.class_prompt or config.instance_prompt,
+                                         max_sequence_length=t5_length)
     fixed = None
     if not config.train_text_encoder:
         with accelerator.autocast():
-            fixed = {k: _encode(family, run_encoders, v, joint_dim, grad=False) for k, v in ids.items()}
+            fixed = {k: _encode(family, run_encoders, v, joint_dim, t5_length, grad=False) for k, v in ids.items()}
     vae, vae_config = pipe.vae, pipe.vae.config
     vae_scale = 2 ** (len(vae_config.block_out_channels) - 1)
     if config.cache_latents:
@@ -262,11 +310,15 @@ def train(config: TrainConfig) -> TrainResult:
     for m in models:
         m.train()
     accum: list[torch.Tensor] = []
-    stream = data.loader(dataset, batches, start=global_step * ga, stop=max_steps * ga,
+    start, stop = windows.first_micro(global_step), windows.first_micro(max_steps)
+    stream = data.loader(dataset, batches, start=start, stop=stop,
                          workers=config.dataloader_num_workers)
-    for micro, batch in zip(range(global_step * ga, max_steps * ga), stream):
+    for micro, batch in zip(range(start, stop), stream):
+        index, last = windows.position(micro)
+        accelerator.step = ga - 1 if last else index  # accumulate() then syncs exactly at the window's end
         with accelerator.accumulate(*models):
             gen = torch.Generator("cpu").manual_seed(data.torch_seed(seed, 4, micro, rank))
+            torch.manual_seed(data.torch_seed(seed, 6, micro, rank))  # what draws from the global RNG (dropout)
             if "pixels" in batch:
                 with torch.no_grad():
                     dist = vae.encode(batch["pixels"].to(device, vae.dtype)).latent_dist
@@ -278,10 +330,12 @@ def train(config: TrainConfig) -> TrainResult:
             noise = torch.randn(latents.shape, generator=gen)
             if config.noise_offset:
                 noise += config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
-            u = torch.rand(latents.shape[0], generator=gen)
+            b = latents.shape[0]
+            u = flow.draw(plan.flow, b, gen) if family.flow else torch.rand(b, generator=gen)
             noised = families.add_noise(family, scheduler, latents, noise.to(device), u.to(device))
             n = batch["n_instance"]
-            conds = fixed or {k: _encode(family, run_encoders, v, joint_dim, grad=True) for k, v in ids.items()}
+            conds = fixed or {k: _encode(family, run_encoders, v, joint_dim, t5_length, grad=True)
+                              for k, v in ids.items()}
             cond = {k: torch.cat([conds["instance"][k].expand(n, *conds["instance"][k].shape[1:])]
                                  + ([conds["class"][k].expand(latents.shape[0] - n, *conds["class"][k].shape[1:])]
                                     if latents.shape[0] > n else []))
@@ -289,15 +343,7 @@ def train(config: TrainConfig) -> TrainResult:
             with accelerator.autocast():
                 pred = families.predict(family, models[0], noised, cond, batch=batch, resolution=config.resolution,
                                         vae_scale=vae_scale, guidance=config.guidance_scale, dtype=weight_dtype)
-            pred, target = pred.float(), noised.target.float()
-            if config.snr_gamma is not None:
-                weights = families.snr_weights(scheduler, noised.timesteps[:n], config.snr_gamma)
-                per = F.mse_loss(pred[:n], target[:n], reduction="none").mean(dim=list(range(1, pred.ndim)))
-                loss = (per * weights).mean()
-            else:
-                loss = F.mse_loss(pred[:n], target[:n])
-            if pred.shape[0] > n:
-                loss = loss + config.prior_loss_weight * F.mse_loss(pred[n:], target[n:])
+            loss = _loss(config, plan, scheduler, pred, noised, n)
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, config.max_grad_norm)
@@ -319,8 +365,9 @@ def train(config: TrainConfig) -> TrainResult:
         accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         if global_step % config.checkpointing_steps == 0:
             checkpoint.save(accelerator, plan.output_dir, global_step,
-                            {"step": global_step, "seed": seed, "world": world, "micro_batch": global_step * ga,
-                             "epoch": global_step * ga // batches.per_epoch},
+                            {"step": global_step, "seed": seed, "world": world, "micro_batch": micro + 1,
+                             "epoch": (micro + 1) // batches.per_epoch,
+                             "settings": checkpoint.settings(config, family.name)},
                             total_limit=config.checkpoints_total_limit)
         end_of_epoch = (micro + 1) % batches.per_epoch == 0
         epoch = (micro + 1) // batches.per_epoch - 1
