@@ -88,13 +88,13 @@ def configs_of(raw: RawAdapter) -> dict[str, dict]:
 
 def split(raw: RawAdapter, configs: dict[str, dict]) -> list[ModuleGroup]:
     """Group a file's tensors by module, each with its suffixes and (PEFT) resolved config."""
-    unknown = unknown_keys(raw.tensors)
+    named = [(key, k, _suffix(k)) for key, k in ((key, normalize(key)) for key in raw.tensors)]
+    unknown = [key for key, _, suffix in named if suffix is None]
     if unknown:
         raise unknown_key_error(str(raw.source), unknown, len(raw.tensors))
     groups: dict[tuple[str, str], ModuleGroup] = {}
-    for key, tensor in raw.tensors.items():
-        k = normalize(key)
-        suffix = _suffix(k)
+    for key, k, suffix in named:
+        tensor = raw.tensors[key]
         component, module_key, dotted, fmt = classify(k[: -len(suffix) - 1])
         group = groups.get((component, module_key))
         if group is None:
